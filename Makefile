@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make test` and `make bench`. Each sets itself up first.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.stamp
+BUILT := $(VENV)/.build.stamp
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp csrc/*.h csrc/cpu/*.h)
+
+.PHONY: setup build test test-fast bench bench-quick device-dry-run clean
+
+setup: $(STAMP)
+$(STAMP): requirements.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+build: $(BUILT)
+$(BUILT): $(STAMP) $(SOURCES)
+	# flock: several shells may build at once; pip would trip over its own build folder.
+	flock /tmp/bigmodel-build.lock env MAX_JOBS=$${MAX_JOBS:-$$(nproc)} $(VPY) -m pip install -q -e . --no-build-isolation --no-deps
+	touch $(BUILT)
+
+# The whole suite: C++ engine, Triton kernels under the interpreter, sm_90 AOT compiles.
+test: build
+	$(VPY) -m pytest -q tests
+
+bench: build
+	$(VPY) -m bench $(BENCH_ARGS)
+
+bench-quick: build
+	$(VPY) -m bench --quick $(BENCH_ARGS)
+
+# Everything bench/device_check.sh does that needs no GPU.
+device-dry-run: build
+	PYTHON=$(VPY) bash bench/device_check.sh --dry-run bench/out/device_dry_run
+
+clean:
+	rm -rf build *.egg-info bigmodel/_C*.so $(BUILT)

@@ -1,0 +1,158 @@
+"""bigmodel::linear_relu: y = relu(x W^T + b), its registration and its public function.
+
+The schema is in csrc/bigmodel.cpp and the CPU kernel in csrc/cpu/linear_relu.cpp; this file
+adds the fake (meta) kernels, autograd, autocast and the CUDA kernel (Triton), and the public
+function that maps F.linear's contract onto the 2-D op.
+"""
+import torch
+
+from bigmodel import backend
+from bigmodel.ops import _registry
+from bigmodel.reference import ref_linear_relu
+
+_NAME = "linear_relu"
+
+
+def _triton():
+    # Imported on first use: importing bigmodel must not need triton (CPU-only installs).
+    from bigmodel.kernels import linear_relu as kernels
+
+    return kernels
+
+
+def _check(input, weight, bias):
+    """The errors F.linear gives, naming the shapes; raises before any kernel runs."""
+    where = "bigmodel.linear_relu"
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
+    if input.dim() < 1:
+        raise ValueError(f"{where}: input must have at least 1 dimension, got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if input.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{where}: input's last dimension ({input.shape[-1]}) must equal weight's in_features "
+            f"({weight.shape[1]}); got input {tuple(input.shape)} and weight {tuple(weight.shape)}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(
+            f"{where}: bias must be 1-D of size out_features ({weight.shape[0]}), got shape {tuple(bias.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != input.device:
+            raise ValueError(f"{where}: {name} is on {t.device} but input is on {input.device}")
+        if t.dtype != input.dtype:
+            raise TypeError(f"{where}: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
+    if not input.is_floating_point():
+        raise TypeError(f"{where}: expected a floating point input, got {input.dtype}")
+    supported = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    if input.dtype not in supported or (input.dtype == torch.float64 and input.device.type == "cuda"):
+        raise TypeError(f"{where}: dtype {input.dtype} is not supported on {input.device.type}")
+
+
+class _TritonKernels:
+    """The Triton launchers as a KernelFunction pair (used off the registered path)."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        out = _triton().linear_relu_fwd(x, weight, bias)
+        return out, (x, weight, out, bias is not None)
+
+    @staticmethod
+    def backward(saved, needs, grad):
+        x, weight, out, has_bias = saved
+        mask = [needs[0], needs[1], has_bias and needs[2]]
+        dx, dw, db = _triton().linear_relu_bwd(grad, out, x, weight, mask)
+        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None)
+
+
+def _linear_relu_2d(x, weight, bias):
+    name = backend.resolve(x.device, _NAME)
+    if name == "reference":
+        return ref_linear_relu(x, weight, bias)
+    if name == backend.default_for(x.device.type) and _registry.has_ops():
+        return torch.ops.bigmodel.linear_relu(x, weight, bias)
+    if name == "triton":
+        return _registry.KernelFunction.apply(_TritonKernels, x, weight, bias)
+    _registry.require_ops()  # the C++ engine was asked for and is missing: say how to build it
+    raise AssertionError("unreachable")
+
+
+def linear_relu(input, weight, bias=None):
+    r"""linear_relu(input, weight, bias=None) -> Tensor
+
+    Applies :math:`y = \mathrm{relu}(x W^T + b)` in one fused kernel: exactly
+    ``F.relu(F.linear(input, weight, bias))``, with the output written once.
+
+    Args:
+        input (Tensor): ``(*, in_features)``, any number of leading dimensions (1-D too), any strides.
+        weight (Tensor): ``(out_features, in_features)``.
+        bias (Tensor, optional): ``(out_features,)``.
+
+    Returns:
+        Tensor of shape ``(*, out_features)``. NaN in an input row gives NaN in that output row.
+
+    Runs on the backend in force (see :func:`bigmodel.use_backend`): the C++ engine for CPU
+    tensors, Triton for CUDA tensors. Supports float32, float16, bfloat16 (and float64 on CPU),
+    autograd, autocast and ``torch.compile``.
+    """
+    if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
+        # As F.linear under autocast: compute in the autocast dtype.
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    _check(input, weight, bias)
+    lead = input.shape[:-1]
+    x = input.reshape(-1, input.shape[-1])  # a view whenever the strides allow
+    out = _linear_relu_2d(x, weight, bias)
+    return out.reshape(*lead, weight.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration of the op defined in csrc/bigmodel.cpp (only when the extension loaded).
+
+
+def _fake_forward(input, weight, bias):
+    return input.new_empty(input.shape[0], weight.shape[0])
+
+
+def _fake_backward(grad_output, output, input, weight, output_mask):
+    def grad_like(t, needed):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty(0)
+
+    return (grad_like(input, output_mask[0]), grad_like(weight, output_mask[1]),
+            output.new_empty(weight.shape[0]) if output_mask[2] else output.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias = inputs
+    ctx.save_for_backward(input, weight, output)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    input, weight, output = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], ctx.has_bias and need[2]]
+    dx, dw, db = torch.ops.bigmodel.linear_relu_backward(grad, output, input, weight, mask)
+    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None)
+
+
+def _cuda_forward(input, weight, bias):
+    return _triton().linear_relu_fwd(input, weight, bias)
+
+
+def _cuda_backward(grad_output, output, input, weight, output_mask):
+    return _triton().linear_relu_bwd(grad_output, output, input, weight, list(output_mask))
+
+
+if _registry.has_ops():
+    torch.library.register_fake("bigmodel::linear_relu", _fake_forward)
+    torch.library.register_fake("bigmodel::linear_relu_backward", _fake_backward)
+    torch.library.register_autograd("bigmodel::linear_relu", _backward, setup_context=_setup_context)
+    torch.library.register_kernel("bigmodel::linear_relu", "cuda", _cuda_forward)
+    torch.library.register_kernel("bigmodel::linear_relu_backward", "cuda", _cuda_backward)
+    _registry.register_autocast(_NAME)

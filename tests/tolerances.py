@@ -1,0 +1,56 @@
+"""One tolerance table per dtype, and the FlashAttention error rule, for every test.
+
+Elementwise ops (linear_relu) compare against the float64 reference with atol/rtol scaled by
+sqrt(K) (a K-long dot product's rounding error grows like sqrt(K)). Reductions like attention use
+the FlashAttention rule: our error against float64 is at most FACTOR x the error of the same-dtype
+PyTorch computation (plus a small floor for when torch happens to be exact).
+"""
+import math
+
+import torch
+
+# dtype -> (atol, rtol) for one length-1 product; scaled by sqrt(K) in assert_close_gemm.
+GEMM = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (2e-6, 2e-6),   # ieee fp32 (interpreter/CPU); tf32 uses TF32_GEMM
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+TF32_GEMM = (2e-3, 2e-3)
+
+FORWARD_FACTOR = 2.0   # FlashAttention rule: forward error <= 2x torch's same-dtype error
+BACKWARD_FACTOR = 3.0  # gradients: <= 3x
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def gemm_tol(dtype, k):
+    atol, rtol = GEMM[dtype]
+    scale = math.sqrt(max(k, 1))
+    return atol * scale, rtol * scale
+
+
+def assert_close_gemm(actual, expected, dtype, k, what=""):
+    atol, rtol = gemm_tol(dtype, k)
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
+                               equal_nan=True, msg=lambda m: f"{what} ({dtype}, K={k}): {m}")
+
+
+def max_err(a, b):
+    """Max abs difference, NaN-aware: matching NaNs count as 0, a NaN on one side only as inf."""
+    a, b = a.double(), b.double()
+    both = torch.isnan(a) & torch.isnan(b)
+    one = torch.isnan(a) ^ torch.isnan(b)
+    if one.any():
+        return math.inf
+    d = (a - b).abs().masked_fill(both, 0)
+    return d.max().item() if d.numel() else 0.0
+
+
+def assert_flash_rule(ours, torch_same_dtype, ref64, dtype, factor=FORWARD_FACTOR, what=""):
+    """Our error vs float64 <= factor * (torch's same-dtype error vs float64) + floor."""
+    ours_err = max_err(ours, ref64)
+    torch_err = max_err(torch_same_dtype, ref64)
+    bound = factor * torch_err + FLOOR[dtype]
+    assert ours_err <= bound, (
+        f"{what} ({dtype}): error {ours_err:.3g} > {factor} x torch's {torch_err:.3g} + {FLOOR[dtype]:g}"
+    )
