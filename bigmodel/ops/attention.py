@@ -1,7 +1,274 @@
-"""bigmodel::attention (placeholder until the attention issue lands)."""
+"""bigmodel::attention: softmax(Q K^T * scale + mask) V, its registration and its public function.
+
+The schemas are in csrc/bigmodel.cpp and the CPU kernel in csrc/cpu/attention.cpp; this file
+adds the fake (meta) kernels, autograd, autocast and the CUDA kernels (Triton, in
+kernels/attention.py), and :func:`scaled_dot_product_attention`, which maps the contract of
+``torch.nn.functional.scaled_dot_product_attention`` onto the 4-D ``(B, H, L, E)`` op.
+"""
+import math
+
+import torch
+
+from bigmodel import backend
+from bigmodel.ops import _registry
+from bigmodel.reference import ref_attention
+
+_NAME = "attention"
+_WHERE = "bigmodel.scaled_dot_product_attention"
+
+
+def _triton():
+    # Imported on first use: importing bigmodel must not need triton (CPU-only installs).
+    from bigmodel.kernels import attention as kernels
+
+    return kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and the mapping of SDPA's (..., L, E) inputs onto the 4-D op.
+
+
+def _check(query, key, value, attn_mask, dropout_p, is_causal, scale):
+    """The errors torch's SDPA gives (and a few it leaves to the kernels), naming the shapes."""
+    for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_WHERE}: {name} must be a Tensor, got {type(t).__name__}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            raise ValueError(f"{_WHERE}: {name} must have at least 2 dimensions (..., L, E), got shape "
+                             f"{tuple(t.shape)}")
+    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"{_WHERE}: query and key must have the same embedding size (last dim); got {shapes}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"{_WHERE}: key and value must have the same sequence length (dim -2); got {shapes}")
+    for name, t in (("key", key), ("value", value), ("attn_mask", attn_mask)):
+        if t is not None and t.device != query.device:
+            raise ValueError(f"{_WHERE}: {name} is on {t.device} but query is on {query.device}")
+    if not query.is_floating_point():
+        raise TypeError(f"{_WHERE}: expected floating point inputs, got query of dtype {query.dtype}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{_WHERE}: query, key and value must have the same dtype; got query "
+                            f"{query.dtype} and {name} {t.dtype}")
+    supported = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    if query.dtype not in supported or (query.dtype == torch.float64 and query.device.type == "cuda"):
+        raise TypeError(f"{_WHERE}: dtype {query.dtype} is not supported on {query.device.type}")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise TypeError(f"{_WHERE}: attn_mask must be bool (True = attend) or a float mask of the "
+                            f"query's dtype {query.dtype}; got {attn_mask.dtype}")
+        if is_causal:
+            raise ValueError(f"{_WHERE}: give either attn_mask or is_causal=True, not both (as torch)")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{_WHERE}: dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{_WHERE}: dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{_WHERE}: scale must be a float or None, got {type(scale).__name__}")
+
+
+def _layout(query, key, value, attn_mask, enable_gqa):
+    """Views of the inputs as 4-D (B, H, L, E) tensors plus the output's leading shape.
+
+    Leading dims broadcast as in torch's math path (by .expand, so zero strides, no copies);
+    the head dim (-3) of key/value either equals the query's, broadcasts from 1, or, with
+    enable_gqa, divides it. Returns (q4, k4, v4, mask4, lead) with lead = the output's shape
+    without (L, Ev).
+    """
+    nd = max(query.dim(), key.dim(), value.dim(), 3)
+
+    def pad(t):
+        return t.reshape((1,) * (nd - t.dim()) + tuple(t.shape))
+
+    q, k, v = pad(query), pad(key), pad(value)
+    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"{_WHERE}: the batch dims of query, key and value do not broadcast; got {shapes}") from None
+    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+    if hk != hv:
+        raise ValueError(f"{_WHERE}: key and value must have the same number of heads (dim -3); got {shapes}")
+    if enable_gqa and hk != hq:
+        if hk == 0 or hq % hk != 0:
+            raise ValueError(f"{_WHERE}: with enable_gqa=True the query heads ({hq}) must be a multiple of "
+                             f"the key/value heads ({hk}); got {shapes}")
+        h, hkv = hq, hk
+    elif hk == hq or hk == 1:
+        h = hkv = hq
+    else:
+        raise ValueError(f"{_WHERE}: query has {hq} heads (dim -3) but key and value have {hk}; pass "
+                         f"enable_gqa=True for grouped-query attention; got {shapes}")
+    L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    # expand is free (zero strides); reshape stays a view unless the strides cannot merge.
+    q4 = q.expand(*batch, h, L, E).reshape(-1, h, L, E)
+    k4 = k.expand(*batch, hkv, S, E).reshape(-1, hkv, S, E)
+    v4 = v.expand(*batch, hkv, S, Ev).reshape(-1, hkv, S, Ev)
+    mask4 = None
+    if attn_mask is not None:
+        try:
+            mask4 = attn_mask.expand(*batch, h, L, S)
+        except RuntimeError:
+            raise ValueError(f"{_WHERE}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"the attention weights' shape {(*batch, h, L, S)}") from None
+        mask4 = mask4.reshape(-1, h, L, S)
+    lead = (*batch, h) if max(query.dim(), key.dim(), value.dim()) >= 3 else ()
+    return q4, k4, v4, mask4, lead
+
+
+def _draw_rng_seed(dropout_p):
+    """(seed, offset) for the kernels' Philox streams, drawn from torch's default generator so that
+    torch.manual_seed reproduces a dropout mask. Both stay above 2**32 so Triton always sees an
+    int64 argument (no respecialisation), and the offset leaves room for B*H*L*S counters."""
+    if not dropout_p:
+        return None
+    return torch.randint(2**32, 2**48, (2,), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backends.
+
+
+def _reference(q, k, v, mask, dropout_p, is_causal, scale):
+    keep = None
+    if dropout_p:
+        keep = torch.rand(q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device) >= dropout_p
+    return ref_attention(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa=True, dropout_keep=keep)
+
+
+class _TritonKernels:
+    """The Triton launchers as a KernelFunction pair (used off the registered path)."""
+
+    @staticmethod
+    def forward(q, k, v, mask, dropout_p, is_causal, scale, rng_seed):
+        out, lse = _triton().attention_fwd(q, k, v, mask, dropout_p, is_causal, scale, rng_seed)
+        return out, (q, k, v, out, lse, mask, dropout_p, is_causal, scale, rng_seed)
+
+    @staticmethod
+    def backward(saved, needs, grad):
+        q, k, v, out, lse, mask, dropout_p, is_causal, scale, rng_seed = saved
+        dq, dk, dv = _triton().attention_bwd(grad, q, k, v, out, lse, mask, dropout_p, is_causal, scale,
+                                             rng_seed)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _cpu_kernel_registered():
+    return torch._C._dispatch_has_kernel_for_dispatch_key("bigmodel::attention", "CPU")
+
+
+def _attention_4d(q, k, v, mask, dropout_p, is_causal, scale):
+    device = q.device
+    name = backend.resolve(device, "scaled_dot_product_attention")
+    if name == backend.default_for(device.type) and device.type == "cpu" and backend.current() == "auto":
+        # Until the C++ CPU kernel lands, CPU tensors under 'auto' use the reference.
+        if not (_registry.has_ops() and _cpu_kernel_registered()):
+            name = "reference"
+    if name == "reference":
+        return _reference(q, k, v, mask, dropout_p, is_causal, scale)
+    rng_seed = _draw_rng_seed(dropout_p)
+    if name == backend.default_for(device.type) and _registry.has_ops():
+        return torch.ops.bigmodel.attention(q, k, v, mask, dropout_p, is_causal, scale, rng_seed)[0]
+    if name == "triton":
+        if q.dtype == torch.float64:
+            raise TypeError(f"{_WHERE}: the 'triton' backend does not support float64")
+        return _registry.KernelFunction.apply(_TritonKernels, q, k, v, mask, dropout_p, is_causal, scale,
+                                              rng_seed)
+    _registry.require_ops()  # the C++ engine was asked for and is missing: say how to build it
+    raise AssertionError("unreachable")
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                  scale=None, enable_gqa=False):
-    """torch's SDPA contract; not implemented yet."""
-    raise NotImplementedError("bigmodel.scaled_dot_product_attention is not implemented yet")
+    r"""scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> Tensor
+
+    Computes :math:`\mathrm{softmax}(Q K^T \cdot \mathrm{scale} + \mathrm{mask})\, V` without
+    materialising the attention weights: the contract of
+    :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    Args:
+        query (Tensor): ``(N, ..., Hq, L, E)``; any number of leading dims, any strides (a
+            ``(B, L, H, E)`` tensor transposed to ``(B, H, L, E)`` is read in place).
+        key (Tensor): ``(N, ..., H, S, E)``.
+        value (Tensor): ``(N, ..., H, S, Ev)``; ``Ev`` may differ from ``E``. Head dims up to 256.
+        attn_mask (Tensor, optional): broadcastable to ``(N, ..., Hq, L, S)``; bool (True = take
+            part in attention) or a float mask of the query's dtype added to the scores.
+        dropout_p (float): dropout probability in ``[0, 1)``, applied whenever it is > 0 (this is
+            a function: it does not know about ``module.training``). Reproducible under
+            :func:`torch.manual_seed`.
+        is_causal (bool): top-left aligned causal mask (key ``j`` visible to query ``i`` iff
+            ``j <= i``). An error together with ``attn_mask``.
+        scale (float, optional): defaults to :math:`1/\sqrt{E}`.
+        enable_gqa (bool): allow ``Hq`` to be a multiple of ``H`` (grouped-query attention; K/V
+            are never repeated in memory).
+
+    Returns:
+        Tensor of shape ``(N, ..., Hq, L, Ev)``. A query row that sees no key gives 0 (and
+        gradient 0), not NaN; a NaN in the inputs reaches exactly the outputs it enters.
+
+    Runs on the backend in force (see :func:`bigmodel.use_backend`): Triton for CUDA tensors,
+    the C++ engine for CPU tensors. Supports float32 (TF32 only where
+    ``torch.backends.cuda.matmul.allow_tf32``), float16, bfloat16 (and float64 on CPU),
+    autograd, autocast and ``torch.compile``.
+    """
+    if (isinstance(query, torch.Tensor) and torch.is_autocast_enabled(query.device.type)
+            and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)):
+        # As torch's SDPA under autocast: compute in the autocast dtype (float masks follow).
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(dtype)
+    _check(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    q4, k4, v4, mask4, lead = _layout(query, key, value, attn_mask, enable_gqa)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    out = _attention_4d(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), scale)
+    return out.reshape(*lead, query.shape[-2], value.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration of the ops defined in csrc/bigmodel.cpp (only when the extension loaded).
+
+
+def _fake_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, rng_seed):
+    B, H, L, _ = query.shape
+    out = query.new_empty(B, H, L, value.shape[-1])
+    lse = query.new_empty(B, H, L, dtype=torch.float32)
+    return out, lse
+
+
+def _fake_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, rng_seed):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (query, key, value))
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, dropout_p, is_causal, scale, rng_seed = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask, rng_seed)
+    ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    query, key, value, out, lse, attn_mask, rng_seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.bigmodel.attention_backward(
+        grad_out, query, key, value, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, rng_seed)
+    # The mask and the seed get no gradient (as torch's fused SDPA kernels).
+    return dq, dk, dv, None, None, None, None, None
+
+
+def _cuda_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, rng_seed):
+    return _triton().attention_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale, rng_seed)
+
+
+def _cuda_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, rng_seed):
+    return _triton().attention_bwd(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal,
+                                   scale, rng_seed)
+
+
+if _registry.has_ops():
+    torch.library.register_fake("bigmodel::attention", _fake_forward)
+    torch.library.register_fake("bigmodel::attention_backward", _fake_backward)
+    torch.library.register_autograd("bigmodel::attention", _backward, setup_context=_setup_context)
+    torch.library.register_kernel("bigmodel::attention", "cuda", _cuda_forward)
+    torch.library.register_kernel("bigmodel::attention_backward", "cuda", _cuda_backward)
+    _registry.register_autocast(_NAME)
