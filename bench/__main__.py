@@ -1,0 +1,252 @@
+"""python -m bench: measure bigmodel against PyTorch's best on the best device present.
+
+Examples::
+
+    python -m bench                          # the full sweep (CUDA if present, else CPU)
+    python -m bench --quick                  # a few minutes: the issues' target shapes and short sweeps
+    python -m bench --ops attention --modes fwd --dtypes bf16 --device cuda
+    python -m bench --report-only            # redraw summary and plots from the CSV
+
+Writes <out>/<device>.csv (long format, one row per case and provider; a case measured again
+replaces its old rows), <out>/<device>_summary.md and <out>/<device>_<op>_<dtype>.png.
+"""
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+from bench import attention, ceilings, end_to_end, linear_relu, report
+from bench.core import DTYPES, MODES, compile_modes, reset_compile
+from bench.runner import Runner, budget_for, run_all
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = ("linear_relu", "attention", "mlp_step", "transformer_step", "gan_step")
+ALIASES = {"e2e": ("mlp_step", "transformer_step", "gan_step"), "all": OPS}
+
+
+def _csv_list(text, allowed, what, aliases=None):
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        expanded = (aliases or {}).get(item, (item,))
+        for name in expanded:
+            if name not in allowed:
+                raise SystemExit(f"bench: unknown {what} {name!r}; expected some of {', '.join(allowed)}")
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", default="all",
+                   help=f"comma list of {', '.join(OPS)}; 'e2e' = the three training steps (default: all)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, bwd, fwd+bwd (default: all)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma list of fp32, fp16, bf16 (default: bf16,fp16,fp32 on GPU and fp32,bf16 on "
+                        "CPU; with --quick bf16 on GPU and fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--quick", action="store_true",
+                   help="short sweeps (under 5 min on a 2-core CPU, under 4 on an H200)")
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "results"), help="output folder")
+    p.add_argument("--providers", default=None,
+                   help="only providers whose name contains one of these comma-separated words")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (default: by time budget)")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds after which no new case starts (the rest is reported as skipped)")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes: tests the plumbing
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--report-only", action="store_true", help="redraw summary and plots from the CSV")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every skipped provider")
+    return p.parse_args(argv)
+
+
+def _device(arg):
+    if arg is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(arg)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but torch sees no CUDA device")
+    if dev.type not in ("cuda", "cpu"):
+        raise SystemExit(f"bench: unsupported device {arg!r}; expected cuda or cpu")
+    return dev
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def git_sha():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return ""
+
+
+def smoke_cases(device, modes, dtypes):
+    """Tiny shapes of every op: exercises the whole pipeline in seconds (tests/test_bench.py)."""
+    out = ceilings.cases(device, dtypes)
+    for c in out:  # tiny ceilings as well
+        if c.op == "ceiling_matmul":
+            c.make_inputs = ceilings._matmul_case(device, c.dtype, 128).make_inputs
+            c.flops, c.shape = 2.0 * 128**3, {"M": 128, "K": 128, "N": 128}
+        else:
+            small = ceilings._copy_case(device, c.dtype, 1 << 20)
+            c.make_inputs, c.bytes, c.shape = small.make_inputs, small.bytes, small.shape
+    for dtype in dtypes:
+        for mode in modes:
+            for M in (16, 48):
+                out.append(linear_relu.case(M, 32, 24, mode, dtype, device, True, "", "M"))
+            for L in (16, 32):
+                out.append(attention.case(1, 2, L, 16, False, mode, dtype, device, True, "", "L"))
+        if "fwd+bwd" in modes:
+            out.append(end_to_end.mlp_case(device, dtype, True, batch=8))
+    return out
+
+
+def build_cases(args, device, ops, modes, dtypes):
+    if args.smoke:
+        cases = smoke_cases(device, modes, dtypes)
+    else:
+        cases = ceilings.cases(device, dtypes, args.quick)
+        if "linear_relu" in ops:
+            cases += linear_relu.cases(device, modes, dtypes, args.quick)
+        if "attention" in ops:
+            cases += attention.cases(device, modes, dtypes, args.quick)
+        e2e = [c for c in end_to_end.cases(device, modes, dtypes, args.quick) if c.op in ops]
+        cases += e2e
+    words = [w.strip() for w in (args.providers or "").split(",") if w.strip()]
+    compiled = {name for name, _ in compile_modes(device, False)}
+    for c in cases:
+        if c.op.startswith("ceiling"):
+            continue
+        if words:
+            c.providers = [p for p in c.providers if any(w in p.name for w in words)]
+        if args.no_compile or args.smoke:
+            c.providers = [p for p in c.providers if p.name not in compiled]
+    return [c for c in cases if c.providers]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = _device(args.device)
+    name = device_name(device)
+    out_dir = os.path.abspath(args.out)
+    base = os.path.join(out_dir, report.slug(name))
+    csv_path, md_path = base + ".csv", base + "_summary.md"
+    quick = args.quick or args.smoke
+    ops = _csv_list(args.ops, OPS, "op", ALIASES)
+    modes = _csv_list(args.modes, MODES, "mode")
+    default_dtypes = ("bf16" if quick else "bf16,fp16,fp32") if device.type == "cuda" else ("fp32" if quick else "fp32,bf16")
+    dtypes = [DTYPES[d] for d in _csv_list(args.dtypes or default_dtypes, tuple(DTYPES), "dtype")]
+
+    meta = {"device": name, "torch": torch.__version__, "triton": triton_version(), "git_sha": git_sha(),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        where = f"{name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
+    else:
+        where = f"{_cpu_model()}, {torch.get_num_threads()} threads (shared machine: other jobs may run)"
+    header = [f"- device: {where}",
+              f"- torch {meta['torch']}, triton {meta['triton'] or '(none)'}, git {meta['git_sha']}, "
+              f"latest run {meta['timestamp']}: `python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}`",
+              "- timing: " + ("CUDA events around each call, L2 flushed before each, providers interleaved "
+                              "rep by rep" if device.type == "cuda" else
+                              "wall clock per call, providers interleaved rep by rep, GC off")
+              + "; warm-up (and compilation, autotuning) excluded; input sets rotated",
+              "- peak MB: memory the call allocates beyond its live inputs, at its peak ("
+              + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                 "process RSS high-water mark, large allocations pinned to mmap") + ")"]
+
+    if args.report_only:
+        rows = report.read_csv(csv_path)
+        _write_reports(rows, out_dir, md_path, name, header, [], [])
+        return 0
+
+    cases = build_cases(args, device, ops, modes, dtypes)
+    if args.list:
+        for c in cases:
+            print(f"{c}  [{', '.join(p.name for p in c.providers)}]")
+        print(f"{len(cases)} cases")
+        return 0
+
+    print(f"bench: {len(cases)} cases on {where}; writing {csv_path}", file=sys.stderr)
+    reset_compile()
+    runner = Runner(device, budget_for(device, quick, args.reps), meta, verbose=args.verbose)
+    old = report.read_csv(csv_path)
+    fresh = []
+
+    def save(case_rows):
+        # After every case, so a run cut short still leaves its rows.
+        fresh.extend(case_rows)
+        report.write_csv(csv_path, report.merge(old, fresh))
+
+    def on_case(case_rows):
+        save(case_rows)
+        reset_compile()
+
+    run_all(cases, runner, time_limit=args.time_limit, progress=not args.no_progress, on_case=on_case)
+    rows = report.merge(old, fresh)
+    report.write_csv(csv_path, rows)
+    paths = _write_reports(rows, out_dir, md_path, name, header, runner.skipped, runner.mismatches)
+    print(_console_table(fresh))
+    print(f"bench: {len(fresh)} rows; {len(runner.skipped)} provider(s) skipped; wrote {csv_path}, "
+          f"{md_path}" + "".join(f", {p}" for p in paths))
+    return 0
+
+
+def _write_reports(rows, out_dir, md_path, name, header, skipped, mismatches):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(md_path, "w") as f:
+        f.write(report.summary(rows, name, header, skipped, mismatches))
+    return report.plots(rows, out_dir, name)
+
+
+def _console_table(rows):
+    """A short table for the terminal: per case, best bigmodel against best torch."""
+    lines = [f"{'op':<16} {'mode':<7} {'dtype':<5} {'shape':<44} {'bigmodel ms':>11} {'torch ms':>9} {'speed-up':>8}"]
+    for (op, mode, dtype), shapes in report._groups(rows).items():
+        for shape, rs in shapes.items():
+            big = report._best(rs, "bigmodel", exclude=("bigmodel-reference",))
+            tor = report._best(rs, "torch")
+            bms = float(big["ms_p50"]) if big else float("nan")
+            tms = float(tor["ms_p50"]) if tor else float("nan")
+            ratio = f"{tms / bms:.2f}x" if big and tor else "-"
+            lines.append(f"{op:<16} {mode:<7} {dtype:<5} {shape[:44]:<44} {bms:>11.4g} {tms:>9.4g} {ratio:>8}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The limits, measured in the same run as everything else: a large matmul's TFLOP/s and a
+large copy's GB/s per dtype. They are ordinary cases (ops ``ceiling_matmul`` and
+``ceiling_copy``), so they land in the CSV beside the rows they bound, and the summary
+reports every row as a percentage of them.
+"""
+import torch
+
+from bench.core import Case, Provider, randn
+
+
+def _matmul_case(device, dtype, n):
+    def inputs(seed):
+        return [randn((n, n), dtype, device, seed), randn((n, n), dtype, device, seed + 1),
+                torch.empty((n, n), dtype=dtype, device=device)]
+
+    def setup(inp, seed):
+        a, b, c = inp
+        fn = lambda: torch.mm(a, b, out=c)  # noqa: E731
+        fn()
+        return fn
+
+    elt = torch.finfo(dtype).bits // 8
+    return Case("ceiling_matmul", "fwd", dtype, {"M": n, "K": n, "N": n}, device,
+                flops=2.0 * n**3, bytes=3.0 * n * n * elt, make_inputs=inputs,
+                providers=[Provider("torch-mm", setup)], input_bytes=3 * n * n * elt)
+
+
+def _copy_case(device, dtype, nbytes):
+    elt = torch.finfo(dtype).bits // 8
+    numel = nbytes // elt
+
+    def inputs(seed):
+        return [randn((numel,), dtype, device, seed), torch.empty(numel, dtype=dtype, device=device)]
+
+    def setup(inp, seed):
+        src, dst = inp
+        fn = lambda: dst.copy_(src)  # noqa: E731
+        fn()
+        return fn
+
+    return Case("ceiling_copy", "fwd", dtype, {"bytes": numel * elt}, device, flops=0.0,
+                bytes=2.0 * numel * elt, make_inputs=inputs,
+                providers=[Provider("torch-copy", setup)], input_bytes=2 * numel * elt)
+
+
+def cases(device, dtypes, quick=False):
+    """One matmul and one copy per dtype: 8192^3 and 1 GiB on GPU, 2048^3 and 256 MiB on CPU
+    (both well past the caches)."""
+    n = 8192 if device.type == "cuda" else 2048
+    nbytes = 2**30 if device.type == "cuda" else 256 * 2**20
+    out = []
+    for dtype in dtypes:
+        out += [_matmul_case(device, dtype, n), _copy_case(device, dtype, nbytes)]
+    return out

@@ -1,0 +1,102 @@
+"""Interleaved timers: providers alternate rep by rep, so drift (clocks, a neighbour's load)
+hits them alike, and each rep uses the next input set, so no provider runs on warm caches
+its rivals don't get.
+
+GPU: CUDA events around each call, with a 256 MB buffer zeroed before every call to evict
+the L2 (what triton.testing.do_bench does), all events read after one synchronize.
+CPU: wall clock (perf_counter) around each call, garbage collection off while timing.
+"""
+import gc
+import math
+import time
+
+import torch
+
+
+def quantiles(samples):
+    """(p50, p20, p80) of a list of times, linear interpolation between ranks."""
+    xs = sorted(samples)
+
+    def q(p):
+        pos = p * (len(xs) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return q(0.5), q(0.2), q(0.8)
+
+
+class CpuTimer:
+    """Seconds per call by wall clock. Calls shorter than ``min_sample_s`` are repeated inside
+    one sample (cycling the input sets) so the timer's resolution doesn't matter."""
+
+    def __init__(self, min_sample_s=2e-3):
+        self.min_sample_s = min_sample_s
+
+    def sync(self):
+        pass
+
+    def once(self, fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def measure(self, calls, reps, estimates):
+        """``calls``: name -> list of zero-arg calls (one per input set); returns name -> samples (s)."""
+        names = list(calls)
+        inner = {n: max(1, math.ceil(self.min_sample_s / max(estimates[n], 1e-9))) for n in names}
+        samples = {n: [] for n in names}
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for r in range(reps):
+                shift = r % len(names)
+                for n in names[shift:] + names[:shift]:
+                    fns, k = calls[n], inner[n]
+                    t0 = time.perf_counter()
+                    for i in range(k):
+                        fns[(r * k + i) % len(fns)]()
+                    samples[n].append((time.perf_counter() - t0) / k)
+        finally:
+            if was_enabled:
+                gc.enable()
+        return samples
+
+
+class CudaTimer:
+    """Seconds per call by CUDA events, L2 flushed before each call."""
+
+    def __init__(self, device):
+        self.device = device
+        self.flush_buf = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+
+    def sync(self):
+        torch.cuda.synchronize(self.device)
+
+    def once(self, fn):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.flush_buf.zero_()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def measure(self, calls, reps, estimates):
+        names = list(calls)
+        events = {n: [] for n in names}
+        for r in range(reps):
+            shift = r % len(names)
+            for n in names[shift:] + names[:shift]:
+                fns = calls[n]
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                self.flush_buf.zero_()
+                start.record()
+                fns[r % len(fns)]()
+                end.record()
+                events[n].append((start, end))
+        self.sync()
+        return {n: [s.elapsed_time(e) / 1e3 for s, e in ev] for n, ev in events.items()}
+
+
+def make_timer(device):
+    return CudaTimer(device) if device.type == "cuda" else CpuTimer()
