@@ -1,4 +1,6 @@
 """bigmodel attention inside Hugging Face transformers, against transformers' own sdpa attention."""
+import copy
+
 import pytest
 import torch
 
@@ -16,10 +18,12 @@ def tiny_llama(kv_heads):
                                       num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=12,
                                       max_position_embeddings=64)
     torch.manual_seed(0)
-    ref = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa").double().eval()
-    ours = transformers.LlamaForCausalLM._from_config(config, attn_implementation=name).double().eval()
+    # Each model gets its own config: _from_config records the attention implementation in it.
+    ref = transformers.LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa")
+    ours = transformers.LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation=name)
+    ref, ours = ref.double().eval(), ours.double().eval()
     ours.load_state_dict(ref.state_dict())
-    assert ours.config._attn_implementation == name
+    assert ours.config._attn_implementation == name and ref.config._attn_implementation == "sdpa"
     return ref, ours
 
 
