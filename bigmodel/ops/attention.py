@@ -102,9 +102,10 @@ def _layout(query, key, value, attn_mask, enable_gqa):
                          f"enable_gqa=True for grouped-query attention; got {shapes}")
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     # expand is free (zero strides); reshape stays a view unless the strides cannot merge.
-    q4 = q.expand(*batch, h, L, E).reshape(-1, h, L, E)
-    k4 = k.expand(*batch, hkv, S, E).reshape(-1, hkv, S, E)
-    v4 = v.expand(*batch, hkv, S, Ev).reshape(-1, hkv, S, Ev)
+    nb = math.prod(batch)
+    q4 = q.expand(*batch, h, L, E).reshape(nb, h, L, E)
+    k4 = k.expand(*batch, hkv, S, E).reshape(nb, hkv, S, E)
+    v4 = v.expand(*batch, hkv, S, Ev).reshape(nb, hkv, S, Ev)
     mask4 = None
     if attn_mask is not None:
         try:
@@ -112,7 +113,7 @@ def _layout(query, key, value, attn_mask, enable_gqa):
         except RuntimeError:
             raise ValueError(f"{_WHERE}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"the attention weights' shape {(*batch, h, L, S)}") from None
-        mask4 = mask4.reshape(-1, h, L, S)
+        mask4 = mask4.reshape(nb, h, L, S)
     lead = (*batch, h) if max(query.dim(), key.dim(), value.dim()) >= 3 else ()
     return q4, k4, v4, mask4, lead
 
