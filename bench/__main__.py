@@ -26,6 +26,9 @@ from bench.runner import Runner, budget_for, run_all
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("linear_relu", "attention", "mlp_step", "transformer_step", "gan_step")
 ALIASES = {"e2e": ("mlp_step", "transformer_step", "gan_step"), "all": OPS}
+# --quick promises under 5 minutes on a 2-core CPU and under 4 on an H200: no case starts after
+# these many seconds (the cases most worth having run first).
+QUICK_LIMIT = {"cpu": 240.0, "cuda": 180.0}
 
 
 def _csv_list(text, allowed, what, aliases=None):
@@ -55,10 +58,14 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results"), help="output folder")
     p.add_argument("--providers", default=None,
                    help="only providers whose name contains one of these comma-separated words")
+    p.add_argument("--families", default=None,
+                   help="only cases whose family contains one of these comma-separated words (e.g. "
+                        "'issue,e2e': the issues' target shapes and the training steps)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (default: by time budget)")
     p.add_argument("--time-limit", type=float, default=None,
-                   help="seconds after which no new case starts (the rest is reported as skipped)")
+                   help="seconds after which no new case starts (the rest is reported as skipped); "
+                        f"--quick sets {QUICK_LIMIT['cpu']:.0f} on CPU and {QUICK_LIMIT['cuda']:.0f} on GPU")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes: tests the plumbing
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--report-only", action="store_true", help="redraw summary and plots from the CSV")
@@ -156,7 +163,14 @@ def build_cases(args, device, ops, modes, dtypes):
             c.providers = [p for p in c.providers if any(w in p.name for w in words)]
         if args.no_compile or args.smoke:
             c.providers = [p for p in c.providers if p.name not in compiled]
-    return [c for c in cases if c.providers]
+    fams = [w.strip() for w in (args.families or "").split(",") if w.strip()]
+    if fams:
+        cases = [c for c in cases if c.op.startswith("ceiling") or any(w in c.family for w in fams)
+                 or (c.priority and "issue" in fams)]
+    # The ceilings, then the issues' target shapes, then the training steps, then the sweeps:
+    # a run cut short by --time-limit loses the least telling rows.
+    rank = lambda c: 0 if c.op.startswith("ceiling") else 1 if c.priority else 2 if c.family == "e2e" else 3  # noqa: E731
+    return sorted((c for c in cases if c.providers), key=rank)
 
 
 def main(argv=None):
@@ -217,7 +231,10 @@ def main(argv=None):
         save(case_rows)
         reset_compile()
 
-    run_all(cases, runner, time_limit=args.time_limit, progress=not args.no_progress, on_case=on_case)
+    limit = args.time_limit
+    if limit is None and args.quick and not args.smoke:
+        limit = QUICK_LIMIT[device.type]
+    run_all(cases, runner, time_limit=limit, progress=not args.no_progress, on_case=on_case)
     rows = report.merge(old, fresh)
     report.write_csv(csv_path, rows)
     paths = _write_reports(rows, out_dir, md_path, name, header, runner.skipped, runner.mismatches)

@@ -132,13 +132,13 @@ def cases(device, modes, dtypes, quick=False):
                 points.append((max(1, tokens // L), width // D, L, D, causal, list(modes), fam))
     for B, H, L, D, causal, only in (ISSUE_GPU if gpu else ISSUE_CPU):
         points.append((B, H, L, D, causal, [m for m in modes if m in only], "issue"))
-    out, seen = [], set()
+    seen = {}
     for B, H, L, D, causal, ms, fam in points:
         for dtype in dtypes:
             for mode in ms:
                 key = (B, H, L, D, causal, dtype, mode)
                 if key not in seen:
-                    seen.add(key)
-                    out.append(case(B, H, L, D, causal, mode, dtype, device, quick, fam,
-                                    None if fam == "issue" else "L"))
-    return out
+                    seen[key] = case(B, H, L, D, causal, mode, dtype, device, quick, fam,
+                                     None if fam == "issue" else "L")
+                seen[key].priority |= fam == "issue"
+    return list(seen.values())

@@ -54,6 +54,7 @@ class Case:
     family: str = ""  # plot grouping: cases of one family share a plot, x = shape[x_key]
     x_key: Optional[str] = None
     input_bytes: float = 0.0  # bytes of one input set, to size how many sets fit
+    priority: bool = False  # a shape an issue names as a target: measured first
 
     @property
     def shape_str(self):

@@ -176,7 +176,7 @@ def mlp_case(device, dtype, quick, batch=1024):
 
     return Case("mlp_step", "fwd+bwd", dtype, {"B": batch, "layers": "784-512-256-10"}, device,
                 total, 0.0, inputs, _providers(SeedMLP, FusedMLP, _mlp_step, dtype, device, quick),
-                input_bytes=batch * 784 * 4)
+                family="e2e", input_bytes=batch * 784 * 4)
 
 
 def _transformer_step(model, opts, inputs):
@@ -208,7 +208,7 @@ def transformer_case(device, dtype, quick):
     shape = {"B": B, "L": L, "d_model": d, "heads": heads, "ff": ff}
     return Case("transformer_step", "fwd+bwd", dtype, shape, device, total, 0.0, inputs,
                 _providers(make, None, _transformer_step, dtype, device, quick),
-                input_bytes=2 * B * L * d * 4)
+                family="e2e", input_bytes=2 * B * L * d * 4)
 
 
 def _gan_step(model, opts, inputs):
@@ -243,7 +243,7 @@ def gan_case(device, dtype, quick):
     shape = {"B": batch, "G": "100-256-512-1024-784", "D": "784-512-256-1"}
     return Case("gan_step", "fwd+bwd", dtype, shape, device, total, 0.0, inputs,
                 _providers(GAN, lambda: GAN(fused=True), _gan_step, dtype, device, quick),
-                input_bytes=batch * 884 * 4)
+                family="e2e", input_bytes=batch * 884 * 4)
 
 
 def cases(device, modes, dtypes, quick=False):

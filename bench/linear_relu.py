@@ -85,16 +85,19 @@ def shapes(device, quick):
     gpu = device.type == "cuda"
     groups = []
     if gpu:
-        batches = [1024, 8192, 65536] if quick else [256, 1024, 4096, 16384, 65536]
+        batches = [1024, 65536] if quick else [256, 1024, 4096, 16384, 65536]
     else:
         batches = [256, 1024, 4096] if quick else [64, 256, 1024, 4096]
-    groups += [(f"seed MLP {k}->{n}", "M", [(m, k, n) for m in batches]) for k, n in SEED_LAYERS]
+    for i, (k, n) in enumerate(SEED_LAYERS):
+        # --quick: the batch sweep on the first (largest) layer only.
+        ms = batches if (not quick or i == 0) else batches[-1:] if gpu else [1024]
+        groups.append((f"seed MLP {k}->{n}", "M", [(m, k, n) for m in ms]))
     sizes = ([2048, 4096, 8192] if quick else [1024, 2048, 4096, 8192]) if gpu else \
-            ([512, 1024] if quick else [256, 512, 1024, 2048])
+            ([256, 512, 1024] if quick else [256, 512, 1024, 2048])
     groups.append(("square", "N", [(n, n, n) for n in sizes]))
     # Transformer FFN up-projection (d -> 4d, the Linear+ReLU half) at a fixed token count.
     tokens = 16384 if gpu else 2048
-    dims = ([1024, 4096] if quick else [1024, 2048, 4096]) if gpu else ([512] if quick else [256, 512, 1024])
+    dims = ([4096] if quick else [1024, 2048, 4096]) if gpu else ([256] if quick else [256, 512, 1024])
     groups.append(("FFN d->4d", "K", [(tokens, d, 4 * d) for d in dims]))
     # Last, so a shape that is also a sweep point stays on its sweep's line.
     groups.append(("issue", None, ISSUE_SHAPES_GPU if gpu else ISSUE_SHAPES_CPU))
@@ -102,15 +105,14 @@ def shapes(device, quick):
 
 
 def cases(device, modes, dtypes, quick=False):
-    out, seen = [], set()
+    seen = {}
     for family, x_key, group in shapes(device, quick):
         for M, K, N in group:
             for dtype in dtypes:
                 for mode in modes:
                     key = (M, K, N, dtype, mode)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    out.append(case(M, K, N, mode, dtype, device, quick, family, x_key))
-    return out
+                    if key not in seen:
+                        seen[key] = case(M, K, N, mode, dtype, device, quick, family, x_key)
+                    seen[key].priority |= family == "issue"
+    return list(seen.values())
 

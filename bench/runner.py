@@ -27,13 +27,15 @@ class Budget:
     max_reps: int
     input_sets: int = 3
     input_set_bytes: float = 1 << 30  # all input sets of a case together, at most
+    warmup: int = 1  # timed warm-up calls after set-up
 
 
 def budget_for(device, quick, reps=None):
     if device.type == "cuda":
-        b = Budget(0.15, 10, 100, input_set_bytes=8 << 30) if quick else Budget(0.5, 25, 300, input_set_bytes=8 << 30)
+        b = Budget(0.15, 10, 100, input_set_bytes=8 << 30, warmup=2) if quick else \
+            Budget(0.5, 25, 300, input_set_bytes=8 << 30, warmup=2)
     else:
-        b = Budget(0.25, 5, 30) if quick else Budget(1.0, 7, 100)
+        b = Budget(0.2, 5, 30, input_sets=2) if quick else Budget(1.0, 7, 100)
     if reps is not None:
         b.min_reps = b.max_reps = reps
     return b
@@ -109,13 +111,12 @@ class Runner:
             return []
         if case.mode == "fwd" and not case.op.startswith("ceiling"):
             self._check(case, calls)
-        # Warm-up beyond set-up (which already ran each call once), and the per-call estimate.
+        # Set-up ran every call once (compiling, autotuning); one or two more calls warm up
+        # and give the per-call estimate that sizes the repetitions.
         estimates = {}
         for name in list(calls):
             try:
-                for fn in calls[name]:
-                    fn()
-                estimates[name] = min(self.timer.once(calls[name][0]) for _ in range(2))
+                estimates[name] = min(self.timer.once(calls[name][0]) for _ in range(self.budget.warmup))
             except Exception as err:  # noqa: BLE001
                 self._skip(case, name, err)
                 del calls[name]

@@ -1,0 +1,37 @@
+"""Both ops, forward and backward, at small odd sizes: what bench/device_check.sh runs under
+compute-sanitizer memcheck (and, in its dry run, on the CPU without it).
+
+python -m bench.memcheck_snippet [cuda|cpu]
+"""
+import sys
+
+import torch
+
+import bigmodel
+
+
+def main(device):
+    dtypes = (torch.float32, torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32,)
+    ran = []
+    for dtype in dtypes:
+        opts = dict(device=device, dtype=dtype, requires_grad=True)
+        x, w, b = torch.randn(67, 45, **opts), torch.randn(33, 45, **opts), torch.randn(33, **opts)
+        y = bigmodel.linear_relu(x, w, b)
+        y.sum().backward()
+        ran.append(f"linear_relu {dtype}")
+        for causal in (False, True):
+            q, k, v = (torch.randn(2, 3, n, 72, **opts) for n in (37, 53, 53))
+            try:
+                o = bigmodel.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            except NotImplementedError as err:
+                print(f"attention {dtype}: not implemented ({str(err).splitlines()[0]})")
+                break
+            o.sum().backward()
+            ran.append(f"attention {dtype} causal={int(causal)}")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print("memcheck snippet ran: " + "; ".join(ran))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "cuda")
