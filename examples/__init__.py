@@ -1,0 +1,1 @@
+"""The seed's models trained for real, with and without bigmodel (see examples/README.md)."""
