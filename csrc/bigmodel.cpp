@@ -15,6 +15,8 @@ TORCH_LIBRARY(bigmodel, m) {
   m.def(
       "linear_relu_backward(Tensor grad_output, Tensor output, Tensor input, Tensor weight, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_relu_cublaslt(Tensor input, Tensor weight, Tensor? bias) -> (Tensor out, Tensor relu_mask)");
+  m.def("linear_relu_cublaslt_backward(Tensor grad_output, Tensor relu_mask, Tensor input, Tensor weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def(
       "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
       "bool is_causal, float scale, Tensor? rng_seed) -> (Tensor, Tensor)");

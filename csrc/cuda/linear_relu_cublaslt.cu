@@ -1,0 +1,727 @@
+// cuBLASLt backend for linear+ReLU: bigmodel::linear_relu_cublaslt and its backward.
+//
+//   forward   out = relu(x W^T + b) and a 1-bit ReLU mask, from ONE cublasLtMatmul whose epilogue
+//             (RELU_AUX_BIAS, or RELU_AUX without bias) adds the bias, applies the ReLU and
+//             writes the mask while the accumulator tile is still in registers.
+//   backward  dZ = grad * mask (one memory-bound pass), dX = dZ W (plain GEMM), and
+//             dW = dZ^T X with the BGRADB epilogue, which reduces db = sum_m dZ in the same GEMM.
+//
+// Row-major <-> column-major: cuBLASLt is column-major, so a row-major (r, c) tensor with row
+// stride ld is, to cuBLASLt, the (c x r) matrix with leading dimension ld. Every product below is
+// therefore computed transposed: out^T = W x^T, dX^T = W^T dZ^T, dW^T = x^T dZ. The mask is the
+// bit matrix of out^T: column m of it (= output row m) starts at bit m * mask_ld, so as a uint8
+// tensor it is (M, mask_ld / 8), row-major. We assume bit n of a row is bit (n % 8) of byte n / 8
+// (LSB first), the only layout compatible with the header's "leading dimension in elements (i.e.
+// bits), divisible by 128"; tests/test_linear_relu_cublaslt.py checks it on the GPU.
+//
+// Why the backward does not use DRELU_BGRAD: that epilogue applies the ReLU gradient to the
+// OUTPUT of a GEMM. In a stack of layers that GEMM is the NEXT layer's dX = dY W (its output is
+// this layer's grad), so DRELU_BGRAD belongs to a fused MLP whose backward sees both layers. This
+// op sees one layer: its grad arrives as a tensor, and the GEMMs that consume dZ = grad * mask
+// take it as an INPUT, which no cuBLASLt epilogue can mask. Running grad through a GEMM only to
+// reach the epilogue (an identity factor, or beta = 1 with C = grad) costs the same traffic as
+// the mask pass below (read grad and mask, write dZ) and relies on undocumented corner cases
+// (alpha = 0, tiny k). So: one elementwise pass (reads grad + M*N/8 bytes of mask instead of
+// eager's grad + a full output tensor), and db reduced for free in the dW GEMM's BGRADB epilogue.
+//
+// NaN. torch.relu keeps NaN; cuBLASLt's ReLU epilogue turns it into 0 (and clears its mask bit).
+// With an fp32 accumulator a NaN in z = x W^T + b needs a NaN or inf in x, W or b, or a partial
+// sum that overflows (then inf - inf). Both are ruled out for the whole call when
+//     max_m |x_m|_inf * max_n |W_n|_inf * K + max |b|  <  FLT_MAX / 2.
+// So before the GEMM one pass over x and W (and b) computes each row's max |.| (non-finite or
+// >= 1e38 counts as inf: TF32 rounding can push 3.4e38 to inf) and the global maxima. A fix-up
+// kernel after the GEMM reads the maxima on the device (no host sync, graph-capturable), exits at
+// once when the bound holds, and otherwise recomputes in fp32 exactly the entries (m, n) whose
+// own bound |x_m| |W_n| K + |b_n| fails, writing the NaN-keeping ReLU and the mask bit.
+// Cost: reading x and W once more (x: M*K elements). For M=N=K=8192 that is ~4% of the GEMM's
+// time; when K is small x is also small next to the output (M=65536, K=256, N=1024: x is 32 MB
+// against a 128 MB output) and the pass runs first so the GEMM finds x in the 50 MB L2.
+// Inputs with NaN or inf take the slow path only for the affected rows/columns.
+//
+// Unsupported layouts (no cuBLASLt algorithm for the shape/alignment) fall back inside this file
+// where a cheap fallback exists (forward: plain GEMM + our NaN-keeping bias/ReLU/mask pass;
+// backward: plain GEMM + at::sum for db); when not even a plain GEMM is available we raise
+// NotImplementedError naming the shapes, so the Python layer can choose another backend.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cublasLt.h>
+
+#include <array>
+#include <cfloat>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <unordered_map>
+
+namespace bigmodel {
+namespace {
+
+// The mask's leading dimension, in bits: cuBLASLt wants a multiple of 128 that is >= N.
+int64_t mask_ld_bits(int64_t n) { return (n + 127) / 128 * 128; }
+
+// Algorithms may use up to this much scratch; it comes from torch's caching allocator per call.
+constexpr uint64_t kMaxWorkspaceBytes = 32ull << 20;
+
+// Bound under which an fp32-accumulated product cannot produce NaN (see the header comment).
+constexpr double kSafeLimit = 0.5 * static_cast<double>(FLT_MAX);
+// |v| at or above this counts as inf in the row maxima: TF32 rounding may overflow it.
+constexpr float kHugeInput = 1e38f;
+
+constexpr int kThreads = 256;
+
+#define BIGMODEL_CUBLASLT_CHECK(expr)                                                        \
+  do {                                                                                       \
+    const cublasStatus_t status_ = (expr);                                                   \
+    TORCH_CHECK(status_ == CUBLAS_STATUS_SUCCESS, "bigmodel::linear_relu_cublaslt: ", #expr, \
+                " failed: ", cublasLtGetStatusString(status_));                              \
+  } while (0)
+
+// ------------------------------------------------------------------------------------------
+// Kernels. T is float, c10::Half or c10::BFloat16; all arithmetic is in fp32.
+
+__device__ __forceinline__ bool entry_is_safe(float ax, float aw, float ab, int64_t k) {
+  // False for inf and NaN operands too (comparisons with NaN are false).
+  return static_cast<double>(ax) * static_cast<double>(aw) * static_cast<double>(k) +
+             static_cast<double>(ab) < kSafeLimit;
+}
+
+template <typename T>
+__device__ __forceinline__ float abs_or_inf(T v) {
+  const float a = fabsf(static_cast<float>(v));
+  return a < kHugeInput ? a : INFINITY;  // NaN fails the comparison too
+}
+
+// For each row r of a row-major (rows, cols) matrix with row stride ld: row_max[r] = max |p[r, :]|
+// (non-finite or huge -> inf), and *global_max = max over all rows (float bits: every value is
+// >= 0, so unsigned order is float order and atomicMax on the bits is a float max). One warp per
+// row; rows are 16-byte aligned when kVec, so a lane reads 16 bytes at a time.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) row_absmax_kernel(const T* __restrict__ p, int64_t rows,
+                                                              int64_t cols, int64_t ld,
+                                                              float* __restrict__ row_max,
+                                                              unsigned int* __restrict__ global_max) {
+  constexpr int kPack = 16 / sizeof(T);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  float local = 0.f;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * warps + warp; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * warps) {
+    const T* row = p + r * ld;
+    float m = 0.f;
+    int64_t c = 0;
+    if (kVec) {
+      const int64_t packs = cols / kPack;
+      const uint4* row16 = reinterpret_cast<const uint4*>(row);
+      for (int64_t i = lane; i < packs; i += 32) {
+        const uint4 raw = __ldg(row16 + i);
+        const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int j = 0; j < kPack; ++j) m = fmaxf(m, abs_or_inf(v[j]));
+      }
+      c = packs * kPack;
+    }
+    for (c += lane; c < cols; c += 32) m = fmaxf(m, abs_or_inf(row[c]));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if (lane == 0) row_max[r] = m;
+    local = fmaxf(local, m);
+  }
+  __shared__ float warp_max[kThreads / 32];
+  if (lane == 0) warp_max[warp] = local;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float b = 0.f;
+    for (int w = 0; w < warps; ++w) b = fmaxf(b, warp_max[w]);
+    atomicMax(global_max, __float_as_uint(b));
+  }
+}
+
+// Recomputes, in fp32 and without TF32, the entries the GEMM epilogue may have got wrong (NaN
+// turned into 0): every (m, n) whose bound fails, or all of them when `force` (K == 0). Writes the
+// NaN-keeping ReLU into out (M, N) and the mask bit (set when z > 0 or z is NaN, as torch's
+// threshold_backward lets the gradient through a NaN output).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) nan_fixup_kernel(
+    const T* __restrict__ x, int64_t ldx, const T* __restrict__ w, int64_t ldw,
+    const T* __restrict__ bias, T* __restrict__ out, unsigned int* __restrict__ mask_words,
+    int64_t mask_ld_words, const float* __restrict__ x_max, const float* __restrict__ w_max,
+    const float* __restrict__ global_max, int64_t M, int64_t N, int64_t K, bool force) {
+  if (!force && entry_is_safe(global_max[0], global_max[1], global_max[2], K)) return;
+  const int64_t total = M * N;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = idx / N;
+    const int64_t n = idx - m * N;
+    const float b = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
+    if (!force && entry_is_safe(x_max[m], w_max[n], fabsf(b), K)) continue;
+    const T* xr = x + m * ldx;
+    const T* wr = w + n * ldw;
+    float z = 0.f;
+    for (int64_t k = 0; k < K; ++k) z = fmaf(static_cast<float>(xr[k]), static_cast<float>(wr[k]), z);
+    z += b;
+    const bool keep = z > 0.f || isnan(z);
+    out[m * N + n] = keep ? static_cast<T>(z) : static_cast<T>(0.f);
+    unsigned int* word = mask_words + m * mask_ld_words + (n >> 5);
+    const unsigned int bit = 1u << (n & 31);
+    if (keep) {
+      atomicOr(word, bit);
+    } else {
+      atomicAnd(word, ~bit);
+    }
+  }
+}
+
+// Fallback epilogue, when cuBLASLt has no fused algorithm: out holds x W^T; add the bias, apply
+// the NaN-keeping ReLU and write the mask, one mask byte (8 outputs) per thread.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) bias_relu_mask_kernel(T* __restrict__ out,
+                                                                  const T* __restrict__ bias,
+                                                                  uint8_t* __restrict__ mask,
+                                                                  int64_t mask_ld_bytes, int64_t M,
+                                                                  int64_t N) {
+  const int64_t bytes_per_row = (N + 7) / 8;
+  const int64_t total = M * bytes_per_row;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = idx / bytes_per_row;
+    const int64_t j = idx - m * bytes_per_row;
+    T* row = out + m * N;
+    unsigned int byte = 0;
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      const int64_t n = j * 8 + t;
+      if (n < N) {
+        float z = static_cast<float>(row[n]);
+        if (bias != nullptr) z += static_cast<float>(bias[n]);
+        const bool keep = z > 0.f || isnan(z);
+        row[n] = keep ? static_cast<T>(z) : static_cast<T>(0.f);
+        byte |= static_cast<unsigned int>(keep) << t;
+      }
+    }
+    mask[m * mask_ld_bytes + j] = static_cast<uint8_t>(byte);
+  }
+}
+
+// dz = grad where the mask bit is set, else 0; one mask byte (8 elements) per thread. kVec: N and
+// the grad row stride are multiples of 8 and grad is aligned, so 8 elements move as one access.
+template <typename T>
+struct alignas(8 * sizeof(T)) Pack8 {
+  T v[8];
+};
+
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads) relu_mask_grad_kernel(const T* __restrict__ grad,
+                                                                  int64_t ldg,
+                                                                  const uint8_t* __restrict__ mask,
+                                                                  int64_t mask_ld_bytes,
+                                                                  T* __restrict__ dz, int64_t M,
+                                                                  int64_t N) {
+  const int64_t bytes_per_row = (N + 7) / 8;
+  const int64_t total = M * bytes_per_row;
+  const T zero = static_cast<T>(0.f);
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = idx / bytes_per_row;
+    const int64_t j = idx - m * bytes_per_row;
+    const unsigned int bits = mask[m * mask_ld_bytes + j];
+    const T* g = grad + m * ldg + j * 8;
+    T* d = dz + m * N + j * 8;
+    if (kVec) {
+      const Pack8<T> in = *reinterpret_cast<const Pack8<T>*>(g);
+      Pack8<T> res;
+#pragma unroll
+      for (int t = 0; t < 8; ++t) res.v[t] = ((bits >> t) & 1u) ? in.v[t] : zero;
+      *reinterpret_cast<Pack8<T>*>(d) = res;
+    } else {
+      const int64_t count = N - j * 8 < 8 ? N - j * 8 : 8;
+      for (int t = 0; t < count; ++t) d[t] = ((bits >> t) & 1u) ? g[t] : zero;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Host helpers.
+
+int grid_for(int64_t work_items, int per_block, int blocks_per_sm) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = (work_items + per_block - 1) / per_block;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, sms * blocks_per_sm)));
+}
+
+cudaDataType_t cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return CUDA_R_32F;
+    case at::kHalf: return CUDA_R_16F;
+    case at::kBFloat16: return CUDA_R_16BF;
+    default: break;
+  }
+  TORCH_CHECK(false, "bigmodel::linear_relu_cublaslt: unsupported dtype ", t);
+}
+
+// Calls f with a null pointer of the C++ type of `t` (float, c10::Half or c10::BFloat16).
+template <typename F>
+void dispatch_dtype(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
+    default: TORCH_CHECK(false, "bigmodel::linear_relu_cublaslt: unsupported dtype ", t);
+  }
+}
+
+// Row stride to hand cuBLASLt for a 2-D tensor stored row-major (unit column stride, row stride
+// >= columns), or -1 when it is not (then the caller makes it contiguous).
+int64_t row_major_ld(const at::Tensor& t) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  const int64_t min_ld = std::max<int64_t>(cols, 1);
+  if (cols > 1 && t.stride(1) != 1) return -1;
+  if (rows <= 1) return min_ld;
+  return t.stride(0) >= min_ld ? t.stride(0) : -1;
+}
+
+at::Tensor as_row_major(const at::Tensor& t) { return row_major_ld(t) >= 0 ? t : t.contiguous(); }
+
+uint32_t alignment_of(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && a % al != 0) al /= 2;
+  return al;
+}
+
+// torch.backends.cuda.matmul.allow_{fp16,bf16}_reduced_precision_reduction: when reduced
+// precision is not allowed, split-K partial sums must be reduced in fp32 (the compute type), not
+// in the output type. The getter returned bool in older torch and an enum (0 = allowed) since.
+template <typename R>
+bool reduced_precision_allowed(R option) {
+  if constexpr (std::is_same_v<R, bool>) {
+    return option;
+  } else {
+    return static_cast<int>(option) == 0;
+  }
+}
+
+uint32_t reduction_scheme_mask(at::ScalarType dtype) {
+  bool allowed = true;
+  if (dtype == at::kHalf) allowed = reduced_precision_allowed(at::globalContext().allowFP16ReductionCuBLAS());
+  if (dtype == at::kBFloat16) allowed = reduced_precision_allowed(at::globalContext().allowBF16ReductionCuBLAS());
+  return allowed ? static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_MASK)
+                 : static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE);
+}
+
+cublasComputeType_t compute_type(at::ScalarType dtype) {
+  // fp32 uses TF32 tensor cores only when torch allows it for matmuls (allow_tf32 /
+  // set_float32_matmul_precision); fp16 and bf16 always accumulate in fp32.
+  if (dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()) return CUBLAS_COMPUTE_32F_FAST_TF32;
+  return CUBLAS_COMPUTE_32F;
+}
+
+// Environment switch for tests and benchmarks: BIGMODEL_CUBLASLT_EPILOGUE=0 runs the forward as a
+// plain GEMM plus our bias/ReLU/mask pass (the fallback path) instead of the fused epilogue.
+bool fused_epilogue_enabled() {
+  const char* v = std::getenv("BIGMODEL_CUBLASLT_EPILOGUE");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+template <typename Desc, cublasStatus_t (*Destroy)(Desc)>
+struct LtDeleter {
+  void operator()(Desc d) const {
+    if (d != nullptr) Destroy(d);
+  }
+};
+using MatmulDesc = std::unique_ptr<std::remove_pointer_t<cublasLtMatmulDesc_t>,
+                                   LtDeleter<cublasLtMatmulDesc_t, cublasLtMatmulDescDestroy>>;
+using LayoutDesc = std::unique_ptr<std::remove_pointer_t<cublasLtMatrixLayout_t>,
+                                   LtDeleter<cublasLtMatrixLayout_t, cublasLtMatrixLayoutDestroy>>;
+using PreferenceDesc = std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>,
+                                       LtDeleter<cublasLtMatmulPreference_t, cublasLtMatmulPreferenceDestroy>>;
+
+LayoutDesc make_layout(cudaDataType_t type, int64_t rows, int64_t cols, int64_t ld) {
+  cublasLtMatrixLayout_t raw = nullptr;
+  BIGMODEL_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&raw, type, static_cast<uint64_t>(rows),
+                                                     static_cast<uint64_t>(cols), ld));
+  return LayoutDesc(raw);
+}
+
+template <typename V>
+void set_attr(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, const V& value) {
+  BIGMODEL_CUBLASLT_CHECK(cublasLtMatmulDescSetAttribute(desc, attr, &value, sizeof(value)));
+}
+
+template <typename V>
+void set_pref(cublasLtMatmulPreference_t pref, cublasLtMatmulPreferenceAttributes_t attr, const V& value) {
+  BIGMODEL_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value)));
+}
+
+// Heuristic answers, keyed by everything they depend on (shape, layout, types, epilogue and the
+// alignment of every pointer), so repeated calls skip the heuristic query (tens of us of host time).
+using AlgoKey = std::array<int64_t, 20>;
+
+struct AlgoKeyHash {
+  size_t operator()(const AlgoKey& k) const {
+    uint64_t h = 1469598103934665603ull;  // FNV-1a over the 64-bit words
+    for (int64_t v : k) h = (h ^ static_cast<uint64_t>(v)) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+struct AlgoChoice {
+  bool found = false;
+  cublasLtMatmulHeuristicResult_t result{};
+};
+
+std::mutex algo_cache_mutex;
+std::unordered_map<AlgoKey, AlgoChoice, AlgoKeyHash> algo_cache;
+
+// One column-major product D (m x n, ldd) = op(A) op(B), with A and B described as stored, and an
+// optional epilogue. prepare() picks an algorithm (false: none for this problem), run() launches.
+struct LtGemm {
+  at::ScalarType dtype;
+  cublasOperation_t transa, transb;
+  int64_t m, n, k;
+  const void* a;
+  int64_t lda;
+  const void* b;
+  int64_t ldb;
+  void* d;
+  int64_t ldd;
+  cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+  const void* bias = nullptr;  // BIAS epilogues read it, BGRAD epilogues write it
+  void* aux = nullptr;         // the ReLU bit mask
+  int64_t aux_ld = 0;
+
+  MatmulDesc desc;
+  LayoutDesc a_layout, b_layout, d_layout;
+  AlgoChoice choice;
+
+  bool prepare() {
+    const cudaDataType_t type = cuda_dtype(dtype);
+    const cublasComputeType_t compute = compute_type(dtype);
+    cublasLtMatmulDesc_t raw = nullptr;
+    BIGMODEL_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&raw, compute, CUDA_R_32F));
+    desc.reset(raw);
+    set_attr(raw, CUBLASLT_MATMUL_DESC_TRANSA, static_cast<int32_t>(transa));
+    set_attr(raw, CUBLASLT_MATMUL_DESC_TRANSB, static_cast<int32_t>(transb));
+    set_attr(raw, CUBLASLT_MATMUL_DESC_EPILOGUE, static_cast<uint32_t>(epilogue));
+    if (bias != nullptr) set_attr(raw, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+    if (aux != nullptr) {
+      set_attr(raw, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
+      set_attr(raw, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, aux_ld);
+    }
+    a_layout = transa == CUBLAS_OP_N ? make_layout(type, m, k, lda) : make_layout(type, k, m, lda);
+    b_layout = transb == CUBLAS_OP_N ? make_layout(type, k, n, ldb) : make_layout(type, n, k, ldb);
+    d_layout = make_layout(type, m, n, ldd);
+
+    const uint32_t reduction = reduction_scheme_mask(dtype);
+    const AlgoKey key = {static_cast<int64_t>(at::cuda::current_device()), m, n, k,
+                         static_cast<int64_t>(transa), static_cast<int64_t>(transb), lda, ldb, ldd,
+                         static_cast<int64_t>(type), static_cast<int64_t>(compute),
+                         static_cast<int64_t>(epilogue), aux_ld, alignment_of(a), alignment_of(b),
+                         alignment_of(d), bias != nullptr ? alignment_of(bias) : 0,
+                         aux != nullptr ? alignment_of(aux) : 0, static_cast<int64_t>(reduction), 0};
+    {
+      std::lock_guard<std::mutex> lock(algo_cache_mutex);
+      auto it = algo_cache.find(key);
+      if (it != algo_cache.end()) {
+        choice = it->second;
+        return choice.found;
+      }
+    }
+    cublasLtMatmulPreference_t pref_raw = nullptr;
+    BIGMODEL_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref_raw));
+    PreferenceDesc pref(pref_raw);
+    set_pref(pref_raw, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, kMaxWorkspaceBytes);
+    set_pref(pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(a));
+    set_pref(pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(b));
+    set_pref(pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(d));
+    set_pref(pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment_of(d));
+    set_pref(pref_raw, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, reduction);
+
+    int count = 0;
+    AlgoChoice found;
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
+        at::cuda::getCurrentCUDABlasLtHandle(), raw, a_layout.get(), b_layout.get(), d_layout.get(),
+        d_layout.get(), pref_raw, 1, &found.result, &count);
+    // NOT_SUPPORTED means "no heuristic for this configuration": an answer, not an error.
+    TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS || status == CUBLAS_STATUS_NOT_SUPPORTED,
+                "bigmodel::linear_relu_cublaslt: cublasLtMatmulAlgoGetHeuristic failed: ",
+                cublasLtGetStatusString(status));
+    found.found = status == CUBLAS_STATUS_SUCCESS && count > 0 &&
+                  found.result.state == CUBLAS_STATUS_SUCCESS;
+    {
+      std::lock_guard<std::mutex> lock(algo_cache_mutex);
+      if (algo_cache.size() > 4096) algo_cache.clear();  // bounded: shapes churn in some workloads
+      algo_cache.emplace(key, found);
+    }
+    choice = found;
+    return choice.found;
+  }
+
+  void run(const at::Tensor& like) {
+    const float alpha = 1.f, beta = 0.f;
+    at::Tensor workspace;
+    void* ws = nullptr;
+    const size_t ws_bytes = choice.result.workspaceSize;
+    if (ws_bytes > 0) {
+      // From torch's caching allocator, on the current stream: freed back to it once queued work
+      // on this stream is done, exactly like a temporary tensor.
+      workspace = at::empty({static_cast<int64_t>(ws_bytes)}, like.options().dtype(at::kByte));
+      ws = workspace.data_ptr();
+    }
+    BIGMODEL_CUBLASLT_CHECK(cublasLtMatmul(at::cuda::getCurrentCUDABlasLtHandle(), desc.get(), &alpha,
+                                           a, a_layout.get(), b, b_layout.get(), &beta, d,
+                                           d_layout.get(), d, d_layout.get(), &choice.result.algo,
+                                           ws, ws_bytes, at::cuda::getCurrentCUDAStream()));
+  }
+};
+
+std::string describe(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes() << " (strides " << t.strides() << ", " << t.scalar_type() << ")";
+  return os.str();
+}
+
+void check_forward_inputs(const at::Tensor& input, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias) {
+  const char* op = "bigmodel::linear_relu_cublaslt: ";
+  TORCH_CHECK_VALUE(input.dim() == 2 && weight.dim() == 2, op,
+                    "expected 2-D input (M, K) and weight (N, K), got input ", input.sizes(),
+                    " and weight ", weight.sizes());
+  TORCH_CHECK_VALUE(input.size(1) == weight.size(1), op, "input ", input.sizes(),
+                    " and weight ", weight.sizes(), " disagree on in_features (K)");
+  TORCH_CHECK_VALUE(input.is_cuda() && weight.device() == input.device(), op,
+                    "input and weight must be on the same CUDA device, got ", input.device(),
+                    " and ", weight.device());
+  const auto dt = input.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+                   "supports float32, float16 and bfloat16, got ", dt);
+  TORCH_CHECK_TYPE(weight.scalar_type() == dt, op, "weight dtype ", weight.scalar_type(),
+                   " does not match input dtype ", dt);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op, "bias must be (",
+                      weight.size(0), "), got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->device() == input.device(), op, "bias is on ", bias->device(),
+                      " but input is on ", input.device());
+    TORCH_CHECK_TYPE(bias->scalar_type() == dt, op, "bias dtype ", bias->scalar_type(),
+                     " does not match input dtype ", dt);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// The ops.
+
+std::tuple<at::Tensor, at::Tensor> linear_relu_cublaslt_forward(const at::Tensor& input,
+                                                                const at::Tensor& weight,
+                                                                const std::optional<at::Tensor>& bias_opt) {
+  check_forward_inputs(input, weight, bias_opt);
+  c10::cuda::CUDAGuard guard(input.device());
+  const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
+  const at::ScalarType dtype = input.scalar_type();
+  const at::Tensor x = as_row_major(input);
+  const at::Tensor w = as_row_major(weight);
+  const int64_t ldx = row_major_ld(x), ldw = row_major_ld(w);
+  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
+  const at::Tensor b = has_bias ? bias_opt->contiguous() : at::Tensor();
+  const int64_t mask_ld = mask_ld_bits(N);
+
+  at::Tensor out = at::empty({M, N}, input.options());
+  at::Tensor mask = at::empty({M, mask_ld / 8}, input.options().dtype(at::kByte));
+  if (M == 0 || N == 0) return {out, mask};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  // Scratch for the NaN guard: per-row maxima of x (M) and W (N), then max over x, W and b
+  // (3 floats, zeroed for atomicMax) and one slot for the bias pass's unused row maximum.
+  at::Tensor stats;
+  float* x_max = nullptr;
+  float* w_max = nullptr;
+  float* g_max = nullptr;
+
+  auto fixup = [&](auto* tag, bool force) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    nan_fixup_kernel<T><<<grid_for(M * N, kThreads, 8), kThreads, 0, stream>>>(
+        x.data_ptr<T>(), ldx, w.data_ptr<T>(), ldw, has_bias ? b.data_ptr<T>() : nullptr,
+        out.data_ptr<T>(), reinterpret_cast<unsigned int*>(mask.data_ptr<uint8_t>()), mask_ld / 32,
+        x_max, w_max, g_max, M, N, K, force);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+
+  if (K == 0) {  // out = relu(b) (or 0): no GEMM to run; the fix-up kernel computes every entry
+    dispatch_dtype(dtype, [&](auto* tag) { fixup(tag, /*force=*/true); });
+    return {out, mask};
+  }
+
+  if (fused_epilogue_enabled()) {
+    LtGemm gemm{dtype, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, w.data_ptr(), ldw, x.data_ptr(), ldx,
+                out.data_ptr(), N};
+    gemm.epilogue = has_bias ? CUBLASLT_EPILOGUE_RELU_AUX_BIAS : CUBLASLT_EPILOGUE_RELU_AUX;
+    gemm.bias = has_bias ? b.data_ptr() : nullptr;
+    gemm.aux = mask.data_ptr();
+    gemm.aux_ld = mask_ld;
+    if (gemm.prepare()) {
+      stats = at::empty({M + N + 4}, input.options().dtype(at::kFloat));
+      x_max = stats.data_ptr<float>();
+      w_max = x_max + M;
+      g_max = w_max + N;
+      C10_CUDA_CHECK(cudaMemsetAsync(g_max, 0, 3 * sizeof(float), stream));
+      dispatch_dtype(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        auto absmax = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, float* row_out,
+                          float* global) {
+          const bool vec = reinterpret_cast<uintptr_t>(p) % 16 == 0 && (ld * sizeof(T)) % 16 == 0;
+          const int grid = grid_for(rows, kThreads / 32, 4);
+          auto* g = reinterpret_cast<unsigned int*>(global);
+          if (vec) {
+            row_absmax_kernel<T, true><<<grid, kThreads, 0, stream>>>(p, rows, cols, ld, row_out, g);
+          } else {
+            row_absmax_kernel<T, false><<<grid, kThreads, 0, stream>>>(p, rows, cols, ld, row_out, g);
+          }
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        // Before the GEMM: when x fits in L2 the GEMM then reads it from there.
+        absmax(x.data_ptr<T>(), M, K, ldx, x_max, g_max + 0);
+        absmax(w.data_ptr<T>(), N, K, ldw, w_max, g_max + 1);
+        if (has_bias) absmax(b.data_ptr<T>(), 1, N, N, g_max + 3, g_max + 2);
+        gemm.run(input);
+        fixup(tag, /*force=*/false);
+      });
+      return {out, mask};
+    }
+  }
+
+  // Fallback: plain GEMM, then our NaN-keeping bias + ReLU + mask pass.
+  LtGemm gemm{dtype, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, w.data_ptr(), ldw, x.data_ptr(), ldx,
+              out.data_ptr(), N};
+  TORCH_CHECK_NOT_IMPLEMENTED(gemm.prepare(),
+                              "bigmodel::linear_relu_cublaslt: cuBLASLt has no algorithm for input ",
+                              describe(input), " x weight ", describe(weight),
+                              "; use another backend (triton) for this shape/alignment");
+  gemm.run(input);
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    bias_relu_mask_kernel<T><<<grid_for(M * ((N + 7) / 8), kThreads, 8), kThreads, 0, stream>>>(
+        out.data_ptr<T>(), has_bias ? b.data_ptr<T>() : nullptr, mask.data_ptr<uint8_t>(), mask_ld / 8,
+        M, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_cublaslt_backward(
+    const at::Tensor& grad_output, const at::Tensor& relu_mask, const at::Tensor& input,
+    const at::Tensor& weight, std::array<bool, 3> output_mask) {
+  const char* op = "bigmodel::linear_relu_cublaslt_backward: ";
+  check_forward_inputs(input, weight, std::nullopt);
+  const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
+  const at::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK_VALUE(grad_output.dim() == 2 && grad_output.size(0) == M && grad_output.size(1) == N, op,
+                    "grad_output must be (", M, ", ", N, ") for input ", input.sizes(), " and weight ",
+                    weight.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == dtype, op, "grad_output dtype ",
+                   grad_output.scalar_type(), " does not match input dtype ", dtype);
+  TORCH_CHECK_VALUE(grad_output.device() == input.device() && relu_mask.device() == input.device(), op,
+                    "grad_output, relu_mask and input must be on one device");
+  const int64_t mask_ld = mask_ld_bits(N);
+  TORCH_CHECK_VALUE(relu_mask.scalar_type() == at::kByte && relu_mask.dim() == 2 &&
+                        relu_mask.size(0) == M && relu_mask.size(1) == mask_ld / 8,
+                    op, "relu_mask must be uint8 (", M, ", ", mask_ld / 8,
+                    ") as the forward returns it, got ", relu_mask.scalar_type(), " ", relu_mask.sizes());
+
+  const auto opts = input.options();
+  at::Tensor dx = output_mask[0] ? at::Tensor() : at::empty({0}, opts);
+  at::Tensor dw = output_mask[1] ? at::Tensor() : at::empty({0}, opts);
+  at::Tensor db = output_mask[2] ? at::Tensor() : at::empty({0}, opts);
+  if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {dx, dw, db};
+  c10::cuda::CUDAGuard guard(input.device());
+
+  if (M == 0 || N == 0) {  // empty sums
+    if (output_mask[0]) dx = at::zeros({M, K}, opts);
+    if (output_mask[1]) dw = at::zeros({N, K}, opts);
+    if (output_mask[2]) db = at::zeros({N}, opts);
+    return {dx, dw, db};
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor g = as_row_major(grad_output);
+  const int64_t ldg = row_major_ld(g);
+  const at::Tensor mask = relu_mask.contiguous();
+
+  // dZ = grad * mask, materialised once: both gradient GEMMs read it as an operand.
+  at::Tensor dz = at::empty({M, N}, opts);
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const int grid = grid_for(M * ((N + 7) / 8), kThreads, 8);
+    const bool vec = N % 8 == 0 && ldg % 8 == 0 &&
+                     reinterpret_cast<uintptr_t>(g.data_ptr()) % sizeof(Pack8<T>) == 0;
+    if (vec) {
+      relu_mask_grad_kernel<T, true><<<grid, kThreads, 0, stream>>>(
+          g.data_ptr<T>(), ldg, mask.data_ptr<uint8_t>(), mask_ld / 8, dz.data_ptr<T>(), M, N);
+    } else {
+      relu_mask_grad_kernel<T, false><<<grid, kThreads, 0, stream>>>(
+          g.data_ptr<T>(), ldg, mask.data_ptr<uint8_t>(), mask_ld / 8, dz.data_ptr<T>(), M, N);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  const auto no_algorithm = [&](const char* which) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false, op, "cuBLASLt has no algorithm for ", which, " with input ",
+                                describe(input), ", weight ", describe(weight),
+                                "; use another backend (triton) for this shape/alignment");
+  };
+
+  if (output_mask[0]) {
+    dx = at::empty({M, K}, opts);
+    if (K > 0) {
+      const at::Tensor w = as_row_major(weight);
+      // dX^T (K x M) = W^T (K x N, W as stored) . dZ^T (N x M, dZ as stored)
+      LtGemm gemm{dtype, CUBLAS_OP_N, CUBLAS_OP_N, K, M, N, w.data_ptr(), row_major_ld(w),
+                  dz.data_ptr(), N, dx.data_ptr(), K};
+      if (!gemm.prepare()) no_algorithm("dX = dZ W");
+      gemm.run(input);
+    }
+  }
+  bool db_done = false;
+  if (output_mask[1]) {
+    dw = at::empty({N, K}, opts);
+    if (K > 0) {
+      const at::Tensor x = as_row_major(input);
+      // dW^T (K x N) = X^T (K x M, X as stored) . dZ (M x N: dZ as stored, transposed); the
+      // BGRADB epilogue sums B = dZ over the GEMM's k (= M) into db.
+      auto make = [&]() {
+        return LtGemm{dtype, CUBLAS_OP_N, CUBLAS_OP_T, K, N, M, x.data_ptr(), row_major_ld(x),
+                      dz.data_ptr(), N, dw.data_ptr(), K};
+      };
+      LtGemm gemm = make();
+      if (output_mask[2]) {
+        db = at::empty({N}, opts);
+        gemm.epilogue = CUBLASLT_EPILOGUE_BGRADB;
+        gemm.bias = db.data_ptr();
+        db_done = gemm.prepare();
+        if (!db_done) gemm = make();  // no BGRADB algorithm: plain GEMM, db from at::sum below
+      }
+      if (!db_done && !gemm.prepare()) no_algorithm("dW = dZ^T X");
+      gemm.run(input);
+    }
+  }
+  if (output_mask[2] && !db_done) db = at::sum(dz, {0});  // fp32 accumulation inside at::sum
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigmodel, CUDA, m) {
+  m.impl("linear_relu_cublaslt", &linear_relu_cublaslt_forward);
+  m.impl("linear_relu_cublaslt_backward", &linear_relu_cublaslt_backward);
+}
+
+}  // namespace bigmodel
