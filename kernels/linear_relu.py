@@ -86,7 +86,7 @@ def _grouped_pids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 @triton.jit
 def _linear_relu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -105,7 +105,7 @@ def _linear_relu_fwd_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + offs_n * stride_b, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y = _relu_keep_nan(acc)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -212,7 +212,7 @@ def linear_relu_fwd(x, weight, bias):
 
     _linear_relu_fwd_kernel[grid](
         x, weight, b, y, M, N, K,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b.stride(0), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype),
     )
     return y

@@ -118,9 +118,6 @@ def known_bug(spec):
     """Why a spec is expected to fail today (a bug reported to the kernel's owner), or None.
     The fuzz tests skip these; tests/regressions/linear_relu.json keeps one as a strict xfail, so
     the fix is noticed: then delete the entry here and the xfail there."""
-    if spec["backend"] == "triton" and spec["bias"] and spec["bias_sliced"]:
-        return ("kernels/linear_relu.py _linear_relu_fwd_kernel loads bias at b_ptr + offs_n, "
-                "ignoring bias.stride(0): a non-contiguous bias is read wrongly")
     return None
 
 
