@@ -135,7 +135,7 @@ def bigmodel_backends(device):
     if device.type == "cuda":
         return [b for b in names if b != "cpp"]
     # Triton on CPU tensors is its interpreter: a correctness tool, not a contender.
-    return [b for b in names if b != "triton"]
+    return [b for b in names if b != "triton" and "cuda" not in b and "cublas" not in b]
 
 
 def compile_modes(device, quick):

@@ -33,11 +33,23 @@ def _addmm_act(x, w, b):
     return torch._addmm_activation(b, x, w.t())
 
 
+def _cublaslt():
+    try:
+        from bigmodel.ops.linear_relu_cublaslt import linear_relu_cublaslt
+    except ImportError as err:
+        raise Skip(f"no cuBLASLt path ({err})") from None
+    return linear_relu_cublaslt
+
+
 def _providers(device, mode, quick):
     out = []
     for name in bigmodel_backends(device):
         ctx = lambda name=name: bigmodel.use_backend(name)  # noqa: E731
         out.append(op_provider(f"bigmodel-{name}", bigmodel.linear_relu, mode, ctx))
+    if device.type == "cuda" and "cublaslt" not in bigmodel_backends(device):
+        # The cuBLASLt path, measured beside Triton even before it is a named backend.
+        out.append(Provider("bigmodel-cublaslt", lambda inputs, seed: op_provider(
+            "bigmodel-cublaslt", _cublaslt(), mode).setup(inputs, seed)))
     out.append(op_provider("torch-eager", _eager, mode))
     if mode == "fwd":
         out.append(op_provider("torch-addmm_act", _addmm_act, mode))
