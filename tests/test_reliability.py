@@ -374,6 +374,7 @@ def _nan_case(where, causal, L=40, S=37, E=16):
     return q, k, v, mask
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("where,causal", [("query", False), ("query", True), ("key", False), ("key", True),
                                           ("hidden-key", False), ("value", False), ("value", True)])
@@ -388,7 +389,7 @@ def test_attention_nan_reaches_exactly_the_rows_it_enters(backend, where, causal
     ref = ref_attention(q.double(), k.double(), v.double(), mask, is_causal=causal)
     ours, theirs = torch.isnan(out), torch.isnan(ref)
     if where == "value" and causal:
-        assert ours[0, 0, 30:].all() and not ours[0, 1].any()
+        assert ours[0, 0, 30:, 3].all() and not ours[0, 1].any()
         return
     assert torch.equal(ours, theirs), f"NaN rows ours {ours.any(-1).nonzero().tolist()} vs ref {theirs.any(-1).nonzero().tolist()}"
     finite = ~theirs
@@ -437,12 +438,10 @@ def _flash(ours, same, ref, dtype, factor, what, scale=1.0, fp32_lse=False):
     assert max_err(ours, ref) <= bound, f"{what} ({dtype}): error {max_err(ours, ref):.3g} > {bound:.3g}"
 
 
-@pytest.mark.parametrize("backend,dtype", PATHS, ids=str)
+@pytest.mark.parametrize("backend,dtype", [p for p in PATHS if p[1] != torch.float16], ids=str)
 def test_attention_inputs_scaled_to_1e3_stay_finite_and_accurate(backend, dtype):
     """Scores of order 1e6: the softmax is nearly one-hot and exp must not overflow anywhere
-    (fp32/bf16/fp64 range); fp16 (triton) gets inputs that fit its range, see the fp16 test."""
-    if dtype == torch.float16:
-        pytest.skip("fp16 inputs cannot be 1e3 x O(1) with E terms without overflowing fp16 itself")
+    (fp32/bf16/fp64 range). fp16 cannot hold such scores: see the fp16 overflow test instead."""
     L, S, E = 17, 23, 16
     q, k, v = ((1e3 * torch.randn(1, 2, n, E)).to(dtype) for n in (L, S, S))
     out = _sdpa(backend, q, k, v, is_causal=True)
@@ -543,7 +542,22 @@ _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if platform.system() == "
 GAP = 2**30 + 4096  # entry 2 of the far dim sits at 2**31 + 8192: past int32, inside the mapping
 
 
-def test_interpreter_reproduces_int32_wraparound():
+def _rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE / 2**20
+
+
+@pytest.fixture
+def small_footprint():
+    """The far-apart views must cost pages, not GiB: resident memory grows by < 512 MiB."""
+    if platform.system() != "Linux":
+        pytest.skip("needs Linux (anonymous MAP_NORESERVE mappings, /proc/self/statm)")
+    before = _rss_mib()
+    yield
+    assert _rss_mib() - before < 512, f"resident memory grew by {_rss_mib() - before:.0f} MiB"
+
+
+def test_interpreter_reproduces_int32_wraparound(small_footprint):
     """The control for the tests below: a kernel that multiplies an int32 row index by an int32
     stride reads the wrong element (it wraps), so a Triton kernel without int64 offsets would fail
     them rather than pass by luck."""
@@ -569,7 +583,7 @@ def test_interpreter_reproduces_int32_wraparound():
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("far", ["x-rows", "x-cols", "w-rows"])
-def test_linear_relu_offsets_past_2_31(backend, far):
+def test_linear_relu_offsets_past_2_31(backend, far, small_footprint):
     """linear_relu forward and backward reading rows (or columns) 2**31 elements apart."""
     torch.manual_seed(0)
     m, k, n = (3, 40, 5) if far != "x-cols" else (6, 3, 5)
@@ -599,7 +613,7 @@ def test_linear_relu_offsets_past_2_31(backend, far):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("far", ["q-batch", "kv-rows", "q-rows-mask"])
-def test_attention_offsets_past_2_31(backend, far):
+def test_attention_offsets_past_2_31(backend, far, small_footprint):
     """Attention forward and backward with batch entries, or key/value rows, 2**31 elements apart
     (and a bool mask whose rows are); the Triton launchers are called straight for the backward
     so grad_out and the saved output can be far apart too."""
