@@ -292,7 +292,20 @@ int64_t row_major_ld(const at::Tensor& t) {
   return t.stride(0) >= min_ld ? t.stride(0) : -1;
 }
 
-at::Tensor as_row_major(const at::Tensor& t) { return row_major_ld(t) >= 0 ? t : t.contiguous(); }
+// A GEMM operand cuBLASLt reads in place when it can: row-major with any row stride. A copy is
+// made when the layout is not row-major, or when the pointer or row stride is not 16-byte aligned
+// but a fresh contiguous copy would be (Hopper's fast kernels load tiles with TMA, which needs 16
+// bytes; the copy costs one pass, far less than a slow kernel for the whole GEMM).
+at::Tensor as_row_major(const at::Tensor& t) {
+  const int64_t ld = row_major_ld(t);
+  if (ld < 0) return t.contiguous();
+  const int64_t es = t.element_size();
+  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
+                       (t.size(0) <= 1 || (ld * es) % 16 == 0);
+  const bool copy_aligns = t.numel() > 0 && (t.size(1) * es) % 16 == 0;
+  if (!aligned && copy_aligns) return t.clone(at::MemoryFormat::Contiguous);
+  return t;
+}
 
 uint32_t alignment_of(const void* p) {
   const auto a = reinterpret_cast<uintptr_t>(p);
