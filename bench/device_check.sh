@@ -27,7 +27,7 @@ export TRITON_CACHE_AUTOTUNING=1
 NPROC=$(nproc 2>/dev/null || echo 4)
 
 # Stage budgets (seconds); they add up to 525, under 9 minutes with the checks between them.
-T_BUILD=150 T_TESTS=135 T_MEMCHECK=80 T_BENCH=160
+T_BUILD=180 T_TESTS=120 T_MEMCHECK=75 T_BENCH=150
 
 STAGES=()
 record() {  # name status seconds note
@@ -93,12 +93,12 @@ else
     done
     # Compile and autotune first, without the sanitizer (cached on disk), so under it each
     # kernel launches once rather than once per benchmarked config.
-    run_stage warmup 60 "$MEM_LOG" "$PY" -m bench.memcheck_snippet cuda
+    run_stage warmup 45 "$MEM_LOG" "$PY" -m bench.memcheck_snippet cuda
     if [ -z "$SAN" ]; then
         record memcheck SKIP 0 "compute-sanitizer not found"
     else
         left=$(( T_MEMCHECK - LAST_SECS )); [ $left -lt 30 ] && left=30
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage memcheck $left "$MEM_LOG" "$SAN" --tool memcheck \
+        run_stage memcheck $left "$MEM_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck \
             --error-exitcode 3 --target-processes all "$PY" -m bench.memcheck_snippet cuda
         M_NOTE=$(grep -E "ERROR SUMMARY" "$MEM_LOG" | tail -1 | sed 's/^=* *//')
         record memcheck "$LAST_STATUS" "$LAST_SECS" "${M_NOTE:-see memcheck.log}"
@@ -112,7 +112,7 @@ BENCH_LOG=$OUTDIR/bench.log
 if [ $DRY -eq 1 ]; then
     BENCH_ARGS=(--quick --device cpu --time-limit 40)
 else
-    BENCH_ARGS=(--quick --time-limit $(( T_BENCH - 45 )))
+    BENCH_ARGS=(--quick --time-limit $(( T_BENCH - 40 )))
 fi
 run_stage bench $T_BENCH "$BENCH_LOG" "$PY" -m bench "${BENCH_ARGS[@]}" --out "$WORK/results" --no-progress
 BE_STATUS=$LAST_STATUS BE_SECS=$LAST_SECS

@@ -51,13 +51,8 @@ def _providers(device, mode, quick):
         out.append(Provider("bigmodel-cublaslt", lambda inputs, seed: op_provider(
             "bigmodel-cublaslt", _cublaslt(), mode).setup(inputs, seed)))
     out.append(op_provider("torch-eager", _eager, mode))
-    if mode == "fwd":
+    if mode == "fwd":  # it has no autograd formula
         out.append(op_provider("torch-addmm_act", _addmm_act, mode))
-    else:
-        def no_grad(inputs, seed):
-            raise Skip("torch._addmm_activation has no autograd formula")
-
-        out.append(Provider("torch-addmm_act", no_grad))
     for name, cmode in compile_modes(device, quick):
         out.append(_compiled(name, cmode, mode))
     return out

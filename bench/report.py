@@ -127,8 +127,8 @@ def summary(rows, device_name, header_lines=(), skipped=(), mismatches=()):
         lines.append(f"| {dtype} | {_num(ceil[dtype][0])} | {mm['shape'] if mm else ''} | {_num(ceil[dtype][1], '{:.0f}')} |")
     groups = _groups(rows)
     lines += ["", "## bigmodel against PyTorch's best", "",
-              "| op | mode | dtype | shape | bigmodel | ms | TFLOP/s | % peak | best torch | ms | speed-up |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| op | mode | dtype | shape | bigmodel | ms | TFLOP/s | % peak | best torch | ms | speed-up | vs eager |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (op, mode, dtype), shapes in groups.items():
         for shape, rs in shapes.items():
             big = _best(rs, "bigmodel", exclude=("bigmodel-reference",))
@@ -136,11 +136,13 @@ def summary(rows, device_name, header_lines=(), skipped=(), mismatches=()):
             if big is None and tor is None:
                 continue
             bms, tms = _f(big["ms_p50"]) if big else math.nan, _f(tor["ms_p50"]) if tor else math.nan
+            eager = next((r for r in rs if r["provider"] == "torch-eager"), None)
             lines.append(
                 f"| {op} | {mode} | {dtype} | `{shape}` | {big['provider'] if big else '(none ran)'} | "
                 f"{_num(bms)} | {_num(_f(big['tflops'])) if big else ''} | "
                 f"{_pct(_f(big['tflops']), ceil[dtype][0]) if big else ''} | "
-                f"{tor['provider'] if tor else '(none ran)'} | {_num(tms)} | {_ratio(tms, bms)} |")
+                f"{tor['provider'] if tor else '(none ran)'} | {_num(tms)} | {_ratio(tms, bms)} | "
+                f"{_ratio(_f(eager['ms_p50']), bms) if eager else ''} |")
     lines += ["", "## Every provider", ""]
     for (op, mode, dtype), shapes in groups.items():
         lines += [f"### {op} {mode} {dtype}", "",
@@ -165,8 +167,14 @@ def summary(rows, device_name, header_lines=(), skipped=(), mismatches=()):
         lines.append("")
     if skipped:
         lines += ["## Skipped in the latest run", ""]
+        late = {str(case) for case, _, reason in skipped if reason.startswith("time limit")}
+        if late:
+            reason = next(r for _, _, r in skipped if r.startswith("time limit"))
+            lines.append(f"- {len(late)} case(s) not started: {reason} (see `--time-limit`)")
         by_reason = OrderedDict()
         for case, name, reason in skipped:
+            if reason.startswith("time limit"):
+                continue
             by_reason.setdefault((name, reason), []).append(case)
         for (name, reason), cases in by_reason.items():
             example = ", ".join(f"{c.op} {c.mode} {c.dtype_name} `{c.shape_str}`" for c in cases[:2])
