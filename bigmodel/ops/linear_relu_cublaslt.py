@@ -13,6 +13,7 @@ the ops exist but have no kernel (:func:`available` says so).
 import torch
 
 from bigmodel.ops import _registry
+from bigmodel.ops.linear_relu import _check  # F.linear's errors, naming the shapes
 
 _NAME = "linear_relu_cublaslt"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,8 +71,6 @@ def linear_relu_cublaslt(input, weight, bias=None):
         NotImplementedError: cuBLASLt has no algorithm for this shape/alignment (use another
             backend); ValueError/TypeError for mismatched shapes, dtypes or devices.
     """
-    from bigmodel.ops.linear_relu import _check  # F.linear's errors, naming the shapes
-
     _check(input, weight, bias)
     if input.dim() != 2:
         raise ValueError(

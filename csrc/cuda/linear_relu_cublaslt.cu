@@ -415,9 +415,9 @@ struct LtGemm {
   void* aux = nullptr;         // the ReLU bit mask
   int64_t aux_ld = 0;
 
-  MatmulDesc desc;
-  LayoutDesc a_layout, b_layout, d_layout;
-  AlgoChoice choice;
+  MatmulDesc desc{};
+  LayoutDesc a_layout{}, b_layout{}, d_layout{};
+  AlgoChoice choice{};
 
   bool prepare() {
     const cudaDataType_t type = cuda_dtype(dtype);
