@@ -57,8 +57,8 @@ def _stack(dims, fused, last=None):
         final = i == len(dims) - 2
         if final:
             layers.append(nn.Linear(a, b))
-        elif fused:
-            layers.append(bigmodel.nn.FusedLinearReLU(a, b))
+        elif fused:  # Identity where the ReLU was: same indices, same state_dict keys
+            layers += [bigmodel.nn.FusedLinearReLU(a, b), nn.Identity()]
         else:
             layers += [nn.Linear(a, b), nn.ReLU()]
     if last is not None:

@@ -180,6 +180,7 @@ def run_all(cases, runner, time_limit=None, progress=True, on_case=None):
             continue
         bar.set_postfix_str(str(case)[:60], refresh=False)
         case_rows = runner.run(case)
+        case.providers = []  # frees what providers keep between calls (models, optimizers, graphs)
         rows += case_rows
         if on_case is not None:
             on_case(case_rows)
