@@ -127,14 +127,7 @@ def triton_version():
 
 def smoke_cases(device, modes, dtypes):
     """Tiny shapes of every op: exercises the whole pipeline in seconds (tests/test_bench.py)."""
-    out = ceilings.cases(device, dtypes)
-    for c in out:  # tiny ceilings as well
-        if c.op == "ceiling_matmul":
-            c.make_inputs = ceilings._matmul_case(device, c.dtype, 128).make_inputs
-            c.flops, c.shape = 2.0 * 128**3, {"M": 128, "K": 128, "N": 128}
-        else:
-            small = ceilings._copy_case(device, c.dtype, 1 << 20)
-            c.make_inputs, c.bytes, c.shape = small.make_inputs, small.bytes, small.shape
+    out = ceilings.cases(device, dtypes, tiny=True)
     for dtype in dtypes:
         for mode in modes:
             for M in (16, 48):
@@ -150,7 +143,7 @@ def build_cases(args, device, ops, modes, dtypes):
     if args.smoke:
         cases = smoke_cases(device, modes, dtypes)
     else:
-        cases = ceilings.cases(device, dtypes, args.quick)
+        cases = ceilings.cases(device, dtypes)
         if "linear_relu" in ops:
             cases += linear_relu.cases(device, modes, dtypes, args.quick)
         if "attention" in ops:
@@ -197,7 +190,9 @@ def main(argv=None):
         props = torch.cuda.get_device_properties(device)
         where = f"{name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
     else:
-        where = f"{_cpu_model()}, {torch.get_num_threads()} threads (shared machine: other jobs may run)"
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        # The load says whether other jobs shared the cores during the run.
+        where = f"{_cpu_model()}, {torch.get_num_threads()} threads, load average {load:.1f} at start"
     header = [f"- device: {where}",
               f"- torch {meta['torch']}, triton {meta['triton'] or '(none)'}, git {meta['git_sha']}, "
               f"latest run {meta['timestamp']}: `python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}`",
@@ -211,6 +206,8 @@ def main(argv=None):
 
     if args.report_only:
         rows = report.read_csv(csv_path)
+        header = [f"- redrawn from {os.path.basename(csv_path)} (runs of "
+                  f"{', '.join(sorted({r['timestamp'] for r in rows}))})"]
         _write_reports(rows, out_dir, md_path, name, header, [], [])
         return 0
 

@@ -43,11 +43,11 @@ def _copy_case(device, dtype, nbytes):
                 providers=[Provider("torch-copy", setup)], input_bytes=2 * numel * elt)
 
 
-def cases(device, dtypes, quick=False):
+def cases(device, dtypes, tiny=False):
     """One matmul and one copy per dtype: 8192^3 and 1 GiB on GPU, 2048^3 and 256 MiB on CPU
-    (both well past the caches)."""
-    n = 8192 if device.type == "cuda" else 2048
-    nbytes = 2**30 if device.type == "cuda" else 256 * 2**20
+    (both well past the caches); ``tiny`` (the smoke test) 128^3 and 1 MiB."""
+    n = 128 if tiny else 8192 if device.type == "cuda" else 2048
+    nbytes = 2**20 if tiny else 2**30 if device.type == "cuda" else 256 * 2**20
     out = []
     for dtype in dtypes:
         out += [_matmul_case(device, dtype, n), _copy_case(device, dtype, nbytes)]
