@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from bench import attention, ceilings, end_to_end, linear_relu, report
+from bench import attention, ceilings, end_to_end, linear_relu, report, targets
 from bench.core import DTYPES, MODES, compile_modes, reset_compile
 from bench.runner import Runner, budget_for, run_all
 
@@ -248,6 +248,9 @@ def main(argv=None):
     report.write_csv(csv_path, rows)
     paths = _write_reports(rows, out_dir, md_path, name, header, runner.skipped, runner.mismatches)
     print(_console_table(fresh))
+    goals = targets.table(fresh, device.type)
+    if len(goals) > 2:
+        print("\nthe issues' speed targets:\n" + "\n".join(goals))
     print(f"bench: {len(fresh)} rows; {len(runner.skipped)} provider(s) skipped; wrote {csv_path}, "
           f"{md_path}" + "".join(f", {p}" for p in paths))
     return 0
@@ -255,8 +258,9 @@ def main(argv=None):
 
 def _write_reports(rows, out_dir, md_path, name, header, skipped, mismatches):
     os.makedirs(out_dir, exist_ok=True)
+    goals = targets.table(rows, "cpu" if name == "cpu" else "cuda")
     with open(md_path, "w") as f:
-        f.write(report.summary(rows, name, header, skipped, mismatches))
+        f.write(report.summary(rows, name, header, skipped, mismatches, goals))
     return report.plots(rows, out_dir, name)
 
 

@@ -130,7 +130,8 @@ rm -rf "$WORK"
 # ---- the short tables, last --------------------------------------------------------------------
 echo
 echo "bench (best bigmodel vs best torch per case):"
-sed -n '/^op  *mode  *dtype/,/^bench: /p' "$BENCH_LOG" | head -45
+sed -n '/^op  *mode  *dtype/,/^$\|^bench: /p' "$BENCH_LOG" | grep -v '^bench: ' | head -40
+sed -n "/^the issues' speed targets/,\$p" "$BENCH_LOG" | grep '^|' | grep -v -e '---' | cut -c1-160
 echo
 echo "device_check $( [ $DRY -eq 1 ] && echo '(dry run) ')in $(( $(date +%s) - START ))s; files in $OUTDIR: $(ls "$OUTDIR" | tr '\n' ' ')"
 printf '%-9s %-8s %6s  %s\n' stage status time note

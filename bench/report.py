@@ -111,7 +111,7 @@ def _num(value, fmt="{:.3g}"):
     return fmt.format(value) if not math.isnan(value) else ""
 
 
-def summary(rows, device_name, header_lines=(), skipped=(), mismatches=()):
+def summary(rows, device_name, header_lines=(), skipped=(), mismatches=(), target_lines=()):
     """The Markdown summary: ceilings, a headline table (best bigmodel backend against best
     torch provider per case), then every provider per case, then what was skipped."""
     ceil = ceilings(rows)
@@ -125,6 +125,8 @@ def summary(rows, device_name, header_lines=(), skipped=(), mismatches=()):
     for dtype in sorted(ceil):
         mm = next((r for r in rows if r["op"] == "ceiling_matmul" and r["dtype"] == dtype), None)
         lines.append(f"| {dtype} | {_num(ceil[dtype][0])} | {mm['shape'] if mm else ''} | {_num(ceil[dtype][1], '{:.0f}')} |")
+    if len(target_lines) > 2:
+        lines += ["", "## The issues' speed targets", "", *target_lines]
     groups = _groups(rows)
     lines += ["", "## bigmodel against PyTorch's best", "",
               "| op | mode | dtype | shape | bigmodel | ms | TFLOP/s | % peak | best torch | ms | speed-up | vs eager |",
