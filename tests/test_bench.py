@@ -94,3 +94,13 @@ def test_flop_counts():
     assert report.slug("NVIDIA H200") == "nvidia_h200"
     assert report.plot_families("attention", "B=2,H=16,L=8192,S=8192,D=128,causal=0")[1:] == ("L", 8192)
     assert math.isnan(report._f(""))
+
+
+def test_targets_table_reads_ratios_from_rows():
+    from bench import targets
+
+    shape = "M=65536,K=128,N=128"
+    rows = [dict(op="linear_relu", mode="fwd", dtype="fp32", shape=shape, provider=p, ms_p50=ms, tflops="1")
+            for p, ms in (("bigmodel-cpp", "10"), ("torch-eager", "14"))]
+    line = [x for x in targets.table(rows, "cpu") if shape in x][0]
+    assert "1.40x" in line and line.endswith("| yes |")
