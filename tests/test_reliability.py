@@ -428,6 +428,37 @@ def test_attention_fully_masked_rows_give_zero_output_and_gradient(backend, dtyp
         _flash(g, s, r, dtype, BACKWARD_FACTOR, f"d{name}", scale=math.sqrt(L) * max(1.0, r.abs().max().item()))
 
 
+@pytest.mark.parametrize("backend,dtype", PATHS, ids=str)
+def test_attention_huge_finite_mask_is_not_treated_as_hidden(backend, dtype):
+    """-1e30 (fp16: -6e4) is a finite additive mask value: a row masked by it everywhere is the
+    softmax of equal scores (the mean of V), not an empty row. Only -inf or False hides a key."""
+    L, S, E = 20, 19, 16
+    q, k, v = (torch.randn(1, 2, n, E).to(dtype) for n in (L, S, S))
+    big = -6e4 if dtype == torch.float16 else -1e30
+    mask = torch.randn(1, 1, L, S)
+    mask[..., 3, :] = big
+    mask[..., 4, :5] = big
+    mask = mask.to(dtype)
+    out = _sdpa(backend, q, k, v, attn_mask=mask)
+    ref = ref_attention(q.double(), k.double(), v.double(), mask.double())
+    assert out[..., 3, :].abs().sum() > 0
+    _flash(out, ref_attention(q, k, v, mask), ref, dtype, FORWARD_FACTOR, "out")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("backend,dtype", PATHS, ids=str)
+def test_linear_relu_infinities_match_the_reference(backend, dtype):
+    """inf in an input row gives inf (or NaN where inf * 0 or inf - inf) exactly where float64 does."""
+    x, w = torch.randn(30, 16).to(dtype), torch.randn(12, 16).to(dtype)
+    x[4, 2], x[7, 1], w[5, 0] = float("inf"), float("-inf"), float("inf")
+    w[9, 2] = 0.0  # inf * 0 = NaN in row 4, column 9
+    with bigmodel.use_backend(backend):
+        y = bigmodel.linear_relu(x, w)
+    ref = ref_linear_relu(x.double(), w.double())
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    assert y[4, 9].isnan()
+
+
 def _flash(ours, same, ref, dtype, factor, what, scale=1.0):
     """The FlashAttention rule, with tolerances.FLOOR scaled by the size of the values."""
     floor = FLOOR[dtype] * scale
