@@ -48,10 +48,14 @@ def fuzz_settings(max_examples):
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
-PATH_DTYPES = {"cpp": ["float32", "float64", "bfloat16", "float16"], "triton": ["float32", "float16"]}
+# 'cuda': the default path for CUDA tensors (Triton compiled), run by bench/device_check.sh.
+PATH_DTYPES = {"cpp": ["float32", "float64", "bfloat16", "float16"], "triton": ["float32", "float16"],
+               "cuda": ["float32", "float16", "bfloat16"]}
 # The interpreter runs every tile step in numpy: a few 16/32-wide tiles per example at most.
-LIMITS = {"cpp": dict(len=150, heads=12, batch=3), "triton": dict(len=40, heads=4, batch=2)}
-HEAD_DIMS = {"cpp": [1, 8, 16, 40, 64, 72, 128], "triton": [1, 8, 16, 40, 64, 72]}
+LIMITS = {"cpp": dict(len=150, heads=12, batch=3), "triton": dict(len=40, heads=4, batch=2),
+          "cuda": dict(len=700, heads=8, batch=3)}
+HEAD_DIMS = {"cpp": [1, 8, 16, 40, 64, 72, 128], "triton": [1, 8, 16, 40, 64, 72],
+             "cuda": [1, 8, 16, 40, 64, 72, 128, 256]}
 LAYOUTS = ["contiguous", "blhe", "sliced", "expanded"]
 MASKS = ["none", "bool", "additive", "causal"]
 
@@ -94,6 +98,14 @@ def specs(draw, backend):
     )
 
 
+def _device(spec):
+    return "cuda" if spec["backend"] == "cuda" else "cpu"
+
+
+def _backend(spec):
+    return "auto" if spec["backend"] == "cuda" else spec["backend"]
+
+
 def _stored(values, layout, has_heads, gen):
     """``values`` (..., H, L, E) stored in ``layout``: 'blhe' keeps H and L swapped in memory (the
     (B, L, H, E) projections of a transformer), 'sliced' every other element of the last dim of a
@@ -101,7 +113,7 @@ def _stored(values, layout, has_heads, gen):
     if layout == "blhe" and has_heads and values.dim() >= 3:
         return values.transpose(-3, -2).contiguous().transpose(-3, -2)
     if layout == "sliced":
-        wide = torch.randn(*values.shape[:-1], 2 * values.shape[-1], generator=gen).to(values.dtype)
+        wide = torch.randn(*values.shape[:-1], 2 * values.shape[-1], generator=gen).to(values.device, values.dtype)
         wide[..., ::2] = values
         return wide[..., ::2]
     if layout == "expanded" and values.dim() >= 4 and values.shape[0] > 0:
@@ -112,13 +124,14 @@ def _stored(values, layout, has_heads, gen):
 def build(spec):
     """(query, key, value, attn_mask, is_causal) for a spec."""
     gen = torch.Generator().manual_seed(spec["seed"])
-    dtype = DTYPES[spec["dtype"]]
+    dtype, device = DTYPES[spec["dtype"]], _device(spec)
     heads_q = [spec["hq"]] if spec["has_heads"] else []
     heads_kv = [spec["hkv"]] if spec["has_heads"] else []
     batch, L, S, E, Ev = spec["batch"], spec["L"], spec["S"], spec["E"], spec["Ev"]
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype)
+        # Drawn on the CPU (one stream of numbers per seed on every device), laid out on the device.
+        return torch.randn(*shape, generator=gen).to(device, dtype)
 
     q = _stored(rand(*batch, *heads_q, L, E), spec["layout_q"], spec["has_heads"], gen)
     k = _stored(rand(*batch, *heads_kv, S, E), spec["layout_kv"], spec["has_heads"], gen)
@@ -131,12 +144,13 @@ def build(spec):
             mask = torch.rand(*shape, generator=gen) < 0.75
             if spec["masked_rows"] and shape[-2] > 0:
                 mask[..., : spec["masked_rows"], :] = False
+            mask = mask.to(device)
         else:
             mask = torch.randn(*shape, generator=gen)
             mask = mask.masked_fill(torch.rand(*shape, generator=gen) < 0.2, float("-inf"))
             if spec["masked_rows"] and shape[-2] > 0:
                 mask[..., : spec["masked_rows"], :] = float("-inf")
-            mask = mask.to(dtype)
+            mask = mask.to(device, dtype)
     return q, k, v, mask, causal
 
 
@@ -156,16 +170,16 @@ def check(spec):
     (S = 0, masks, causal with L > S) must give 0 and gradient 0."""
     dtype = DTYPES[spec["dtype"]]
     q, k, v, mask, causal = build(spec)
-    with bigmodel.use_backend(spec["backend"]):
+    with bigmodel.use_backend(_backend(spec)):
         try:
             out = _attention(bigmodel.scaled_dot_product_attention, q, k, v, mask, causal, spec)
         except NotImplementedError as err:  # the op has no kernel for this path yet
             pytest.skip(f"scaled_dot_product_attention not implemented on {spec['backend']}: {err}")
     lead = ([*spec["batch"], spec["hq"]] if spec["has_heads"] else [])
-    assert out.shape == (*lead, spec["L"], spec["Ev"]) and out.dtype == dtype
+    assert out.shape == (*lead, spec["L"], spec["Ev"]) and out.dtype == dtype and out.device == q.device
     gen = torch.Generator().manual_seed(spec["seed"] + 1)
-    grad = torch.randn(out.shape, generator=gen).to(dtype)
-    with bigmodel.use_backend(spec["backend"]):
+    grad = torch.randn(out.shape, generator=gen).to(out.device, dtype)
+    with bigmodel.use_backend(_backend(spec)):
         ours, ours_g = _with_grads(bigmodel.scaled_dot_product_attention, (q, k, v), mask, causal, spec, grad)
     assert torch.equal(out, ours), "the forward with grad enabled differs from the one without"
     if spec["S"] == 0:  # no keys at all (ref_attention cannot reduce over an empty dim)
@@ -217,6 +231,15 @@ def test_fuzz_cpp(spec):
 @fuzz_settings(max_examples=30)
 @given(spec=specs("triton"))
 def test_fuzz_triton_interpreted(spec):
+    assume(known_bug(spec) is None)
+    check(spec)
+
+
+@pytest.mark.cuda
+@fuzz_settings(max_examples=40)
+@given(spec=specs("cuda"))
+def test_fuzz_cuda(spec):
+    """The compiled Triton kernels on the GPU (bench/device_check.sh): longer rows, head dims to 256, bf16."""
     assume(known_bug(spec) is None)
     check(spec)
 

@@ -47,9 +47,12 @@ def fuzz_settings(max_examples):
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 # The interpreter's bf16 is broken (it computes on raw bit patterns) and it has no fp64 dot.
-PATH_DTYPES = {"cpp": ["float32", "float64", "bfloat16", "float16"], "triton": ["float32", "float16"]}
+# 'cuda': the default path for CUDA tensors (Triton compiled), run by bench/device_check.sh.
+PATH_DTYPES = {"cpp": ["float32", "float64", "bfloat16", "float16"], "triton": ["float32", "float16"],
+               "cuda": ["float32", "float16", "bfloat16"]}
 # The interpreter costs ~ms per 32-wide tile step: its shapes stay within a few tiles.
-LIMITS = {"cpp": dict(m=300, k=260, n=200), "triton": dict(m=40, k=70, n=40)}
+LIMITS = {"cpp": dict(m=300, k=260, n=200), "triton": dict(m=40, k=70, n=40),
+          "cuda": dict(m=3000, k=1100, n=700)}
 X_LAYOUTS = ["contiguous", "transposed", "sliced", "expanded"]
 W_LAYOUTS = ["contiguous", "transposed", "sliced"]
 
@@ -81,13 +84,21 @@ def specs(draw, backend):
     )
 
 
+def _device(spec):
+    return "cuda" if spec["backend"] == "cuda" else "cpu"
+
+
+def _backend(spec):
+    return "auto" if spec["backend"] == "cuda" else spec["backend"]
+
+
 def _with_layout(values, layout, gen):
     """A tensor equal to ``values`` stored with ``layout``: transposed (last two dims swapped in
     memory), sliced (every other element of a wider tensor), or expanded (a stride-0 dim)."""
     if layout == "transposed" and values.dim() >= 2:
         return values.transpose(-1, -2).contiguous().transpose(-1, -2)
     if layout == "sliced":
-        wide = torch.randn(*values.shape[:-1], 2 * values.shape[-1], generator=gen).to(values.dtype)
+        wide = torch.randn(*values.shape[:-1], 2 * values.shape[-1], generator=gen).to(values.device, values.dtype)
         wide[..., ::2] = values
         return wide[..., ::2]
     return values.contiguous()
@@ -96,21 +107,26 @@ def _with_layout(values, layout, gen):
 def build(spec):
     """(x, w, b) for a spec: x (*lead, k), w (n, k), b (n,) or None, with the spec's layouts."""
     gen = torch.Generator().manual_seed(spec["seed"])
-    dtype = DTYPES[spec["dtype"]]
+    dtype, device = DTYPES[spec["dtype"]], _device(spec)
     k, n, lead = spec["k"], spec["n"], list(spec["lead"])
     # Scaled so pre-activations are O(1) in every dtype and about half the outputs are positive.
     scale = k ** -0.25
+
+    def rand(*shape, s=scale):
+        # Drawn on the CPU (one stream of numbers per seed on every device), laid out on the device.
+        return (torch.randn(*shape, generator=gen) * s).to(device, dtype)
+
     if spec["x_layout"] == "expanded":
         # A broadcast dim (stride 0) in front: the same rows read several times.
         reps = lead[0] if lead else 1
-        one = (torch.randn(1, *lead[1:], k, generator=gen) * scale).to(dtype)
+        one = rand(1, *lead[1:], k)
         x = one.expand(reps, *lead[1:], k) if lead else one[0]
     else:
-        x = _with_layout((torch.randn(*lead, k, generator=gen) * scale).to(dtype), spec["x_layout"], gen)
-    w = _with_layout((torch.randn(n, k, generator=gen) * scale).to(dtype), spec["w_layout"], gen)
+        x = _with_layout(rand(*lead, k), spec["x_layout"], gen)
+    w = _with_layout(rand(n, k), spec["w_layout"], gen)
     b = None
     if spec["bias"]:
-        b = _with_layout(torch.randn(n, generator=gen).to(dtype), "sliced" if spec["bias_sliced"] else "", gen)
+        b = _with_layout(rand(n, s=1.0), "sliced" if spec["bias_sliced"] else "", gen)
     return x, w, b
 
 
@@ -132,11 +148,11 @@ def check(spec):
         if t is not None and need:
             t.requires_grad_(True)
             leaves.append(t)
-    with bigmodel.use_backend(spec["backend"]):
+    with bigmodel.use_backend(_backend(spec)):
         y = bigmodel.linear_relu(x, w, b)
-        assert y.dtype == dtype and y.shape == (*x.shape[:-1], w.shape[0])
+        assert y.dtype == dtype and y.shape == (*x.shape[:-1], w.shape[0]) and y.device == x.device
         gen = torch.Generator().manual_seed(spec["seed"] + 1)
-        grad = torch.randn(y.shape, generator=gen).to(dtype)
+        grad = torch.randn(y.shape, generator=gen).to(y.device, dtype)
         grads = torch.autograd.grad(y, leaves, grad) if leaves else ()
     x64, w64 = x.detach().double(), w.detach().double()
     b64 = b.detach().double() if b is not None else None
@@ -165,6 +181,15 @@ def test_fuzz_cpp(spec):
 @fuzz_settings(max_examples=50)
 @given(spec=specs("triton"))
 def test_fuzz_triton_interpreted(spec):
+    assume(known_bug(spec) is None)
+    check(spec)
+
+
+@pytest.mark.cuda
+@fuzz_settings(max_examples=40)
+@given(spec=specs("cuda"))
+def test_fuzz_cuda(spec):
+    """The compiled Triton kernels on the GPU (bench/device_check.sh), at larger sizes and in bf16."""
     assume(known_bug(spec) is None)
     check(spec)
 
