@@ -811,3 +811,82 @@ def test_use_backend_is_process_wide():
         t.join(30)
     assert seen == ["reference"]
     assert not bm_backend._stack
+
+
+# =============================================================================================
+# On the GPU (bench/device_check.sh): the same properties with the compiled kernels, and tensors
+# that really pass 2**31 elements (the H200 has the memory; CI cannot allocate them).
+
+
+@pytest.mark.cuda
+def test_cuda_linear_relu_tensor_past_2_31_elements():
+    """x (M, K) with M * K > 2**31: row offsets m * K of the last rows pass int32."""
+    k = n = 512
+    m = 2**31 // k + 3
+    x = torch.empty(m, k, device="cuda", dtype=torch.float16).normal_().mul_(k ** -0.25)
+    w = (torch.randn(n, k, device="cuda") * k ** -0.25).half().requires_grad_()
+    b = torch.randn(n, device="cuda").half().requires_grad_()
+    x.requires_grad_()
+    y = bigmodel.linear_relu(x, w, b)
+    tail = slice(m - 5, m)
+    ref = ref_linear_relu(x[tail].detach().double(), w.detach().double(), b.detach().double())
+    assert_close_gemm(y[tail], ref, torch.float16, k, "last rows")
+    grad = torch.zeros_like(y)
+    grad[tail] = torch.randn(5, n, device="cuda").half()
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), grad)
+    gz = grad[tail].double() * (y[tail].detach().double() > 0)
+    assert_close_gemm(dx[tail], gz @ w.detach().double(), torch.float16, n, "dx last rows")
+    assert not dx[: m - 5].any()
+    assert_close_gemm(dw, gz.t() @ x[tail].detach().double(), torch.float16, 5, "dw")
+    assert_close_gemm(db, gz.sum(0), torch.float16, 5, "db")
+
+
+@pytest.mark.cuda
+def test_cuda_attention_tensor_past_2_31_elements():
+    """query (B, H, L, E) with B * H * L * E > 2**31 (key/value broadcast over the batch):
+    batch offsets b * stride of the last entries pass int32, forward and backward."""
+    H, L, S, E = 16, 16, 24, 256
+    B = 2**31 // (H * L * E) + 2
+    q = torch.empty(B, H, L, E, device="cuda", dtype=torch.float16).normal_().requires_grad_()
+    k = torch.randn(1, H, S, E, device="cuda").half().requires_grad_()
+    v = torch.randn(1, H, S, E, device="cuda").half().requires_grad_()
+    out = bigmodel.scaled_dot_product_attention(q, k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1))
+    tail = slice(B - 2, B)
+    ref = ref_attention(q[tail].detach().double(), k.detach().double(), v.detach().double())
+    same = ref_attention(q[tail].detach(), k.detach(), v.detach())
+    _flash(out[tail], same, ref, torch.float16, FORWARD_FACTOR, "last batch entries")
+    grad = torch.zeros_like(out)
+    grad[tail] = torch.randn(2, H, L, E, device="cuda").half()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    assert not dq[: B - 2].any()
+    _, want = _grads(lambda q, k, v: ref_attention(q, k, v), [t.detach().double() for t in (q[tail], k, v)],
+                     grad[tail].double())
+    _, same_g = _grads(lambda q, k, v: ref_attention(q, k, v), [t.detach() for t in (q[tail], k, v)], grad[tail])
+    for name, g, r, s in zip(("dq", "dk", "dv"), (dq[tail], dk, dv), want, same_g):
+        _flash(g, s, r, torch.float16, BACKWARD_FACTOR, name, scale=max(1.0, r.abs().max().item()) * 5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_bitwise_deterministic_and_nan_rows(dtype):
+    x, w, b = (torch.randn(*s, device="cuda").to(dtype) for s in ((1000, 300), (200, 300), (200,)))
+    q = torch.randn(2, 8, 300, 64, device="cuda").to(dtype)
+    kv = torch.randn(2, 2, 280, 64, device="cuda").to(dtype)
+    mask = torch.rand(2, 1, 300, 280, device="cuda") < 0.8
+    gy, go = torch.randn(1000, 200, device="cuda").to(dtype), torch.randn(2, 8, 300, 64, device="cuda").to(dtype)
+
+    def run():
+        lr = _grads(bigmodel.linear_relu, (x, w, b), gy)
+        at = _grads(lambda q, k, v: bigmodel.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+                    (q, kv, kv), go)
+        return lr, at
+
+    with _deterministic():
+        first, second = run(), run()
+    for (oa, ga), (ob, gb) in zip(first, second):
+        assert torch.equal(oa, ob) and all(torch.equal(u, t) for u, t in zip(ga, gb))
+    qn = q.clone()
+    qn[1, 3, 77, 5] = float("nan")
+    out = bigmodel.scaled_dot_product_attention(qn, kv, kv, attn_mask=mask, enable_gqa=True)
+    rows = torch.isnan(out).any(-1)
+    assert rows[1, 3, 77] and rows.sum() == 1
