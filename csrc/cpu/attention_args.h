@@ -32,6 +32,7 @@ struct Args {
   void* out = nullptr;
   int64_t so[4] = {0, 0, 0, 0};
   float* lse = nullptr;
+  double* lse64 = nullptr;  // optional: the forward also writes lse in double here
   // Backward: grad_out read through sdo; dq, dk, dv written contiguous in dtype.
   const void* dout = nullptr;
   int64_t sdo[4] = {0, 0, 0, 0};

@@ -283,19 +283,21 @@ void mask_scores(const MaskView<scalar_t>& mk, bool causal, int64_t b, int64_t h
   }
 }
 
-// Transposed: st[c][r] for keys j0 + c (c < n) and queries i0 + r (r < m).
+// Transposed: st[c][r] for keys j0 + c (c < n) and queries i0 + r (r < m). Hidden entries
+// (causal, bool mask) get `fill`; the additive mask is added when `add`.
 template <typename scalar_t, typename acc_t>
 void mask_scores_t(const MaskView<scalar_t>& mk, bool causal, int64_t b, int64_t h, int64_t i0,
-                   int64_t m, int64_t j0, int64_t n, acc_t* st, int64_t lds) {
-  const acc_t ninf = neg_inf<acc_t>();
+                   int64_t m, int64_t j0, int64_t n, acc_t* st, int64_t lds, acc_t fill, bool add) {
+  const acc_t ninf = fill;
   const bool crosses = causal && j0 + n - 1 > i0;
+  if (!crosses && (mk.kind == MaskKind::kNone || (mk.kind == MaskKind::kAdditive && !add))) return;
   for (int64_t c = 0; c < n; ++c) {
     acc_t* row = st + c * lds;
     const int64_t j = j0 + c;
     // key j is visible to queries i >= j: hide r < j - i0
     const int64_t first = crosses ? std::clamp<int64_t>(j - i0, 0, m) : 0;
     for (int64_t r = 0; r < first; ++r) row[r] = ninf;
-    if (mk.kind == MaskKind::kNone) continue;
+    if (mk.kind == MaskKind::kNone || (mk.kind == MaskKind::kAdditive && !add)) continue;
     const int64_t off = b * mk.sb + h * mk.sh + i0 * mk.sl + j * mk.ss;
     if (mk.kind == MaskKind::kBool) {
       for (int64_t r = first; r < m; ++r) {
@@ -409,8 +411,9 @@ void forward_impl(const Args& a) {
         for (int64_t e = 0; e < Ev; ++e) {
           dst[e] = nanc[e] ? std::numeric_limits<scalar_t>::quiet_NaN() : static_cast<scalar_t>(o[e] * inv);
         }
-        lbase[r] = l == acc_t(0) ? std::numeric_limits<float>::infinity()
-                                 : static_cast<float>(rmax[r] + std::log(l));
+        const acc_t lse = l == acc_t(0) ? std::numeric_limits<acc_t>::infinity() : rmax[r] + std::log(l);
+        lbase[r] = static_cast<float>(lse);
+        if (a.lse64) a.lse64[(b * Hq + h) * L + i0 + r] = static_cast<double>(lse);
       }
     }
   });
@@ -447,6 +450,17 @@ void backward_impl(const Args& a) {
   scalar_t* dv = static_cast<scalar_t*>(a.dv);
   const MaskView<scalar_t> mk(a);
   const Dropout drop(a);
+  // The saved lse is float32, which would cap float64 gradients at float32 accuracy; float64
+  // (gradcheck) recomputes it in double with one more forward.
+  std::vector<double> lse64;
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    lse64.resize(B * Hq * L);
+    std::vector<double> tmp_out(B * Hq * L * Ev);
+    std::vector<float> tmp_lse(B * Hq * L);
+    Args f = a;
+    f.out = tmp_out.data(), f.lse = tmp_lse.data(), f.lse64 = lse64.data();
+    forward_impl<double>(f);
+  }
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     // Query side for the whole head group, packed once per task.
@@ -481,12 +495,29 @@ void backward_impl(const Args& a) {
           const acc_t* drow = dog + i * Evp;
           for (int64_t e = 0; e < Ev; ++e) s += drow[e] * static_cast<acc_t>(orow[e * a.so[3]]);
           dg[i] = s;
-          lg[i] = static_cast<acc_t>(lse_h[i]);
+          lg[i] = lse64.empty() ? static_cast<acc_t>(lse_h[i])
+                                : static_cast<acc_t>(lse64[(b * Hq + h) * L + i]);
         }
         // Padding queries: lse = +inf makes their probabilities exactly 0.
         for (int64_t i = L; i < Lp; ++i) dg[i] = 0, lg[i] = std::numeric_limits<acc_t>::infinity();
       }
       std::fill(dqt.begin(), dqt.end(), acc_t(0));
+      // The reference's products also multiply hidden (zero) entries, so a NaN anywhere in a
+      // column of Q, K or dO, or a NaN row of P, reaches gradient entries that the blocks we
+      // skip never touch. Flag those columns and patch the results (NaN semantics of the
+      // reference, at the cost of a scan of what is packed anyway).
+      std::vector<uint8_t> q_nan(E, 0), k_nan(E, 0), do_nan(Ev, 0);
+      bool p_nan = false;
+      for (int64_t g = 0; g < group; ++g) {
+        const acc_t* qsg = qs.data() + g * L * Ep;
+        const acc_t* dog = don.data() + g * L * Evp;
+        for (int64_t i = 0; i < L; ++i) {
+          for (int64_t e = 0; e < E; ++e) q_nan[e] |= std::isnan(qsg[i * Ep + e]) ? 1 : 0;
+          for (int64_t e = 0; e < Ev; ++e) do_nan[e] |= std::isnan(dog[i * Evp + e]) ? 1 : 0;
+          p_nan |= std::isnan(lsev[g * Lp + i]);
+        }
+      }
+      const acc_t qnan_v = std::numeric_limits<acc_t>::quiet_NaN();
       const scalar_t* kbase = k + b * a.sk[0] + kvh * a.sk[1];
       const scalar_t* vbase = v + b * a.sv[0] + kvh * a.sv[1];
       for (int64_t j0 = 0; j0 < S; j0 += BK) {
@@ -494,6 +525,9 @@ void backward_impl(const Args& a) {
         load_block(kn.data(), E, kbase + j0 * a.sk[2], a.sk[2], a.sk[3], n, n, E, acc_t(1));
         load_block(vn.data(), Ev, vbase + j0 * a.sv[2], a.sv[2], a.sv[3], n, n, Ev, acc_t(1));
         transpose(kn.data(), E, kt.data(), n, n, E);
+        for (int64_t c = 0; c < n; ++c) {
+          for (int64_t e = 0; e < E; ++e) k_nan[e] |= std::isnan(kn[c * E + e]) ? 1 : 0;
+        }
         std::fill(dkacc.begin(), dkacc.end(), acc_t(0));
         std::fill(dvacc.begin(), dvacc.end(), acc_t(0));
         // Causal: queries before j0 see none of this block.
@@ -511,7 +545,7 @@ void backward_impl(const Args& a) {
             const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0), mp = round_up(m, W);
             // S^T = K Qs^T (n x mp), masked; P^T = exp(S^T - lse).
             gemm(n, mp, E, kn.data(), E, qtg + i0, Lp, st.data(), mp, false);
-            mask_scores_t(mk, a.causal, b, h, i0, m, j0, n, st.data(), mp);
+            mask_scores_t(mk, a.causal, b, h, i0, m, j0, n, st.data(), mp, neg_inf<acc_t>(), true);
             for (int64_t c = 0; c < n; ++c) {
               acc_t* row = st.data() + c * mp;
               for (int64_t r = 0; r < mp; r += W) {
@@ -543,6 +577,10 @@ void backward_impl(const Args& a) {
                 (V::loadu(pr + r) * (V::loadu(dr + r) - V::loadu(dg + i0 + r))).store(dr + r);
               }
             }
+            // Hidden scores get exactly zero gradient, as masked_fill's backward gives them, even
+            // where a NaN elsewhere would turn 0 * (dP - D) into NaN. (-inf from an additive mask
+            // is a score like any other: it keeps 0 * NaN = NaN, as in the reference.)
+            mask_scores_t(mk, a.causal, b, h, i0, m, j0, n, dpt.data(), mp, acc_t(0), false);
             // dK += dS^T Qs;  dQ^T += K^T dS^T.
             gemm(n, Ep, m, dpt.data(), mp, qsg + i0 * Ep, Ep, dkacc.data(), Ep, true);
             gemm(E, mp, n, kt.data(), n, dpt.data(), mp, dqg + i0, Lp, true);
@@ -551,8 +589,12 @@ void backward_impl(const Args& a) {
         scalar_t* dkb = dk + ((b * Hkv + kvh) * S + j0) * E;
         scalar_t* dvb = dv + ((b * Hkv + kvh) * S + j0) * Ev;
         for (int64_t c = 0; c < n; ++c) {
-          for (int64_t e = 0; e < E; ++e) dkb[c * E + e] = static_cast<scalar_t>(dkacc[c * Ep + e]);
-          for (int64_t e = 0; e < Ev; ++e) dvb[c * Ev + e] = static_cast<scalar_t>(dvacc[c * Evp + e]);
+          for (int64_t e = 0; e < E; ++e) {
+            dkb[c * E + e] = static_cast<scalar_t>(q_nan[e] ? qnan_v : dkacc[c * Ep + e]);
+          }
+          for (int64_t e = 0; e < Ev; ++e) {
+            dvb[c * Ev + e] = static_cast<scalar_t>(p_nan || do_nan[e] ? qnan_v : dvacc[c * Evp + e]);
+          }
         }
       }
       // dQ = scale * (dQ^T)^T.
@@ -564,7 +606,9 @@ void backward_impl(const Args& a) {
           const int64_t m = std::min(BQ, L - i0);
           transpose(dqg + i0, Lp, tmp.data(), E, E, m);
           for (int64_t r = 0; r < m; ++r) {
-            for (int64_t e = 0; e < E; ++e) dqh[(i0 + r) * E + e] = static_cast<scalar_t>(tmp[r * E + e] * scale);
+            for (int64_t e = 0; e < E; ++e) {
+              dqh[(i0 + r) * E + e] = static_cast<scalar_t>(k_nan[e] ? qnan_v : tmp[r * E + e] * scale);
+            }
           }
         }
       }
