@@ -50,6 +50,7 @@ def train(model, data, steps, device, seed, batch=64):
     xtr, ytr, xte, yte = data
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
+    torch.manual_seed(seed)  # dropout draws the same masks for every variant
     g = torch.Generator().manual_seed(seed)  # the same batches, in the same order, for every variant
     per_epoch = (len(xtr) + batch - 1) // batch
     clock = _common.Clock(device)

@@ -43,6 +43,7 @@ def train(gan, images, steps, device, seed, batch=64):
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
     bce = nn.BCEWithLogitsLoss()
+    torch.manual_seed(seed)  # dropout draws the same masks for every variant
     g = torch.Generator().manual_seed(seed)  # same batches and noise for every variant
     ones, zeros = torch.ones(batch, 1, device=device), torch.zeros(batch, 1, device=device)
     real_label = torch.full((batch, 1), 0.9, device=device)  # one-sided label smoothing

@@ -70,6 +70,7 @@ def accuracy(model, x, y, batch=512):
 def train(model, test, steps, device, seed, batch=64):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
+    torch.manual_seed(seed)  # dropout draws the same masks for every variant
     g = torch.Generator().manual_seed(seed)
     clock = _common.Clock(device)
     hist = {"step": [], "loss": [], "acc": []}
