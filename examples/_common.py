@@ -107,8 +107,10 @@ def plot(path, panels, bars=None):
     n = len(panels) + (bars is not None)
     fig, axes = plt.subplots(1, n, figsize=(4.8 * n, 3.6), squeeze=False)
     for ax, (title, xlabel, series) in zip(axes[0], panels):
-        for label, (xs, ys) in series.items():
-            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, markersize=3)
+        for i, (label, (xs, ys)) in enumerate(series.items()):
+            # Dashed second line: the two runs often overlap exactly.
+            ax.plot(xs, ys, label=label, linestyle="-" if i == 0 else "--",
+                    marker="o" if len(xs) < 30 else None, markersize=3)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.legend()
