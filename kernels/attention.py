@@ -11,7 +11,9 @@ Causal blocks above the diagonal are skipped; the per-element masks (causal, seq
 run only on the blocks that straddle them. Head dims are padded to a power of two inside the
 kernels (masked loads), never in memory. Dropout regenerates its keep mask from Philox
 counters (seed, offset + index of (b, h, i, j)), so the backward sees the forward's mask.
-Only kernels and their launch configs live here; autograd is in bigmodel/ops/attention.py.
+Configs are autotuned per power-of-two length bucket; BIGMODEL_AUTOTUNE=0 takes the preferred
+config that fits instead (tests). Only kernels and their launch configs live here; autograd is
+in bigmodel/ops/attention.py.
 """
 import os
 
@@ -23,8 +25,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 SMEM_LIMIT = 227 * 1024  # H200 (sm_90) shared memory per block
 MAX_HEAD_DIM = 256
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # the kernels fold it into the scale (exp2 instead of exp)
 
 # Hopper configs: (BLOCK_M, BLOCK_N, num_warps, num_stages), pruned per dtype and head dim by
 # the shared memory their pipelines need (fp32 tiles are twice as large). BLOCK_M is the query
@@ -52,9 +53,11 @@ def _configs(shapes, interp):
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
-def smem_estimate(kernel, config, elt_size, block_d, block_dv):
+def smem_estimate(kernel, config, elt_size, block_d, block_dv, mask_elt=0):
     """Bytes of shared memory a config needs: the tiles that stay resident plus num_stages
-    copies of the tiles that stream (the software pipeline's buffers)."""
+    copies of the tiles that stream (the software pipeline's buffers), the attn_mask tile
+    (``mask_elt`` bytes an element, 0 without a mask) included. Checked against the compiler's
+    own numbers by tests/test_attention_aot.py."""
     bm, bn, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
     if kernel == "fwd":  # Q stays; K and V stream
         tiles = bm * block_d + stages * bn * (block_d + block_dv)
@@ -62,19 +65,31 @@ def smem_estimate(kernel, config, elt_size, block_d, block_dv):
         tiles = bn * (block_d + block_dv) + stages * bm * (block_d + block_dv) + 2 * bm * bn
     else:  # dq: Q, dO stay; K and V stream (plus the dS tile)
         tiles = bm * (block_d + block_dv) + stages * bn * (block_d + block_dv) + bm * bn
-    return tiles * elt_size
+    return tiles * elt_size + stages * bm * bn * mask_elt
 
 
-def prune(kernel, configs, elt_size, block_d, block_dv):
+# fp32 without tf32 runs its dots on the FMA units: small tiles only (big ones compile for
+# minutes and gain nothing there).
+_IEEE_FP32_MAX_BLOCK = 64
+
+
+def prune(kernel, configs, elt_size, block_d, block_dv, mask_elt=0, precision="ieee"):
     """The configs that fit in shared memory for these tiles (the smallest one if none does)."""
-    kept = [c for c in configs if smem_estimate(kernel, c, elt_size, block_d, block_dv) <= SMEM_LIMIT]
+    if elt_size == 4 and precision == "ieee":
+        configs = [c for c in configs
+                   if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= _IEEE_FP32_MAX_BLOCK] or configs
+    kept = [c for c in configs if smem_estimate(kernel, c, elt_size, block_d, block_dv, mask_elt) <= SMEM_LIMIT]
     return kept or configs[-1:]
 
 
 def _pruner(kernel):
     def early_config_prune(configs, named_args, **kwargs):
-        return prune(kernel, configs, named_args["q_ptr"].element_size(),
-                     kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
+        elt = named_args["q_ptr"].element_size()
+        mask_elt = (0, 1, elt)[kwargs["MASK_KIND"]]
+        kept = prune(kernel, configs, elt, kwargs["BLOCK_D"], kwargs["BLOCK_DV"], mask_elt, kwargs["PRECISION"])
+        # BIGMODEL_AUTOTUNE=0: take the first (preferred) config that fits, with no benchmarking;
+        # for test runs, where every new shape would otherwise compile every config.
+        return kept[:1] if os.environ.get("BIGMODEL_AUTOTUNE", "1") == "0" else kept
 
     return early_config_prune
 

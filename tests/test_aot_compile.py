@@ -3,13 +3,14 @@
 A kernel that only the GPU compiler rejects (or that needs more than 227 KB of shared memory)
 fails here, on a machine without a GPU. The compiles run in a subprocess: the tests run with
 TRITON_INTERPRET=1, under which triton.jit builds interpreter objects that cannot be compiled.
-This file is also that subprocess's entry point (``python tests/test_aot_compile.py`` reads
-jobs as JSON on stdin and writes results as JSON on stdout).
+This file is also that subprocess's entry point (``python tests/test_aot_compile.py JOBS.json``
+writes its results as JSON on stdout).
 """
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -54,14 +55,15 @@ def _worker():
 
     target = GPUTarget("cuda", 90, 32)
     results = []
-    for job in json.load(sys.stdin):
-        module = importlib.import_module(job["module"])
-        kernel = getattr(module, job["kernel"])
-        fn = getattr(kernel, "fn", kernel)  # the jit function under the autotuner
-        signature, constexprs, attrs = arg_types(fn, job["ptr_types"], job.get("int64", ()), job.get("ones", ()))
-        constexprs.update(job["constexprs"])
+    with open(sys.argv[1]) as f:
+        jobs = json.load(f)
+    for job in jobs:
+        kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
+        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # the jit function
         start = time.time()
         try:
+            signature, constexprs, attrs = arg_types(fn, job["ptr_types"], job.get("int64", ()), job.get("ones", ()))
+            constexprs.update(job["constexprs"])
             compiled = triton.compile(
                 triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                 target=target, options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
@@ -71,13 +73,25 @@ def _worker():
     json.dump(results, sys.stdout)
 
 
-def run_jobs(jobs, timeout=300):
-    """Compile ``jobs`` in a subprocess without TRITON_INTERPRET; returns the per-job results."""
+def run_jobs(jobs, timeout=300, workers=None):
+    """Compile ``jobs`` in subprocesses without TRITON_INTERPRET (one per core, jobs dealt
+    round-robin); returns the per-job results."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(jobs), env=env,
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert proc.returncode == 0, f"AOT compile worker failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in range(workers):
+            path = os.path.join(tmp, f"jobs{w}.json")
+            with open(path, "w") as f:
+                json.dump(jobs[w::workers], f)
+            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), path], stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, f"AOT compile worker failed:\n{err[-4000:]}"
+            results += json.loads(out)
+    return results
 
 
 def assert_all_fit(results):

@@ -383,6 +383,8 @@ def test_torch_compile_fullgraph(cpu_op):
         assert out.shape == (2, 4, 9, 16) and all(t.grad is not None for t in leaves)
         a = compiled(q, k, v, torch.ones(9, 11, dtype=torch.bool))
     assert torch.isfinite(a).all()
+    b = compiled(q, k, v, mask)  # 'auto': the C++ kernel, or the reference until it is registered
+    assert b.shape == (2, 4, 9, 16)
 
 
 def test_autocast_cpu():
@@ -423,6 +425,13 @@ def test_fake_kernels():
 CUDA_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+@pytest.fixture(autouse=True)
+def _no_autotuning(request, monkeypatch):
+    # Tests want every variant checked, not timed: one config each (the preferred one that fits).
+    if "cuda" in request.keywords:
+        monkeypatch.setenv("BIGMODEL_AUTOTUNE", "0")
+
+
 def _cuda_check(q, k, v, dtype, **kwargs):
     """As check(), on CUDA, with torch's own SDPA (its default backend) as the same-dtype error."""
     q, k, v = (t.to("cuda", dtype) for t in (q, k, v))
@@ -440,7 +449,7 @@ def _cuda_check(q, k, v, dtype, **kwargs):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("L,S,E", [(1024, 1024, 64), (1023, 1023, 128), (257, 1000, 80), (1000, 513, 256),
-                                   (2048, 2048, 96), (113, 113, 40), (130, 130, 72), (300, 300, 160)])
+                                   (113, 300, 40)])
 def test_cuda_matches_reference(L, S, E, causal, dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     q, k, v = torch.randn(2, 4, L, E), torch.randn(2, 4, S, E), torch.randn(2, 4, S, E)

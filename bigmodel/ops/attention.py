@@ -154,8 +154,17 @@ class _TritonKernels:
         return dq, dk, dv, None, None, None, None, None
 
 
+def _query_cpu_kernel():
+    return _registry.has_ops() and torch._C._dispatch_has_kernel_for_dispatch_key("bigmodel::attention", "CPU")
+
+
+_CPU_KERNEL = [_query_cpu_kernel()]  # the last answer, for torch.compile (dynamo can't trace the query)
+
+
 def _cpu_kernel_registered():
-    return torch._C._dispatch_has_kernel_for_dispatch_key("bigmodel::attention", "CPU")
+    if not torch.compiler.is_compiling():
+        _CPU_KERNEL[0] = _query_cpu_kernel()
+    return _CPU_KERNEL[0]
 
 
 def _attention_4d(q, k, v, mask, dropout_p, is_causal, scale):
@@ -163,7 +172,7 @@ def _attention_4d(q, k, v, mask, dropout_p, is_causal, scale):
     name = backend.resolve(device, "scaled_dot_product_attention")
     if name == backend.default_for(device.type) and device.type == "cpu" and backend.current() == "auto":
         # Until the C++ CPU kernel lands, CPU tensors under 'auto' use the reference.
-        if not (_registry.has_ops() and _cpu_kernel_registered()):
+        if not _cpu_kernel_registered():
             name = "reference"
     if name == "reference":
         return _reference(q, k, v, mask, dropout_p, is_causal, scale)
