@@ -228,6 +228,10 @@ def test_fuzz_cpp(spec):
     check(spec)
 
 
+# numpy warns about the padding lanes of a key block past S in the dK/dV kernel (exp of a score
+# that is never masked there overflows fp16, then inf * 0): those lanes are never stored.
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @fuzz_settings(max_examples=30)
 @given(spec=specs("triton"))
 def test_fuzz_triton_interpreted(spec):
