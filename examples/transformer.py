@@ -1,6 +1,6 @@
 """A small Transformer encoder classifier on a generated sequence task, eager vs bigmodel.optimize.
 
-    python -m examples.transformer            # 1200 steps; CPU in a few minutes
+    python -m examples.transformer            # 600 steps; CPU in a few minutes
     python -m examples.transformer --quick    # a few steps (CI)
 
 Task: variable-length sequences (8 to 32 tokens over a vocabulary of 10, padded to 32 and masked
@@ -97,8 +97,8 @@ def train(model, test, steps, device, seed, batch=64):
 
 
 def main():
-    args = _common.parse_args(__doc__.splitlines()[0], "default: 1200")
-    steps = _common.pick_steps(args, full=1200)
+    args = _common.parse_args(__doc__.splitlines()[0], "default: 600")
+    steps = _common.pick_steps(args, full=600)
     torch.manual_seed(args.seed)
     test = tuple(t.to(args.device) for t in make_batch(256 if args.quick else 2048, torch.Generator().manual_seed(args.seed + 10_000)))
     print(f"most-frequent-token task: vocab {VOCAB}, lengths {MIN_LEN}..{MAX_LEN}; device {args.device}; "
