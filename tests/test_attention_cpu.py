@@ -261,10 +261,14 @@ def test_dropout_is_reproducible_and_keyed_by_seed_and_offset():
     assert torch.equal(c & tril, a & tril)
 
 
-def test_thread_count_does_not_change_results():
-    q, k, v = _inputs(2, 4, 2, 150, 140, 72, 40, torch.float32)
+# With one thread each (batch, kv head) pair is one backward task; with two threads and a single
+# pair, the backward splits over key blocks and query blocks instead: same bits either way.
+@pytest.mark.parametrize("B,Hq,Hkv", [(2, 4, 2), (1, 3, 1)], ids=["per_head", "per_block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_thread_count_does_not_change_results(B, Hq, Hkv, dtype):
+    q, k, v = _inputs(B, Hq, Hkv, 150, 140, 72, 40, dtype)
     seed = torch.tensor([3, 4])
-    grad = torch.randn(2, 4, 150, 40)
+    grad = torch.randn(B, Hq, 150, 40, dtype=dtype)
     results = []
     old = torch.get_num_threads()
     try:

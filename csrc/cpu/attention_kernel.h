@@ -10,11 +10,13 @@
 //    live in a small buffer; a running max and sum per row rescale the output accumulator as
 //    each key block arrives (online softmax), so nothing L x S is ever stored. Causal blocks
 //    above the diagonal are never visited.
-//  * backward: one task per (batch, key/value head). It walks key blocks; for each it visits
-//    the query blocks of every query head sharing that key/value head (GQA), recomputes the
-//    probabilities from the saved logsumexp and accumulates dK, dV (in registers-sized block
-//    buffers) and dQ (in a per-task buffer). Every gradient element has a single owner and a
-//    fixed summation order, so results are deterministic and thread-count independent.
+//  * backward: per pair of (key block, query block) the probabilities are recomputed from the
+//    saved logsumexp; dK and dV accumulate in block buffers, dQ^T per head. With enough
+//    (batch, key/value head) pairs one task owns each pair (query heads of a GQA group
+//    included); with fewer, tasks split over key blocks (dK, dV) and then over query blocks
+//    (dQ). Every gradient element has a single owner and a fixed summation order, the two
+//    schedules run the same block steps in the same order, so results are deterministic and
+//    independent of the thread count.
 //  * the block products go through gemm() below: oneDNN's brgemm micro-kernel (exported by
 //    libtorch_cpu as at::native::cpublas::brgemm) for float on AVX512, else a register-tiled
 //    at::vec kernel. Measured on this project's 2-core AVX512 box for a 64x64x64 block:
@@ -309,20 +311,20 @@ void mask_scores_t(const MaskView<scalar_t>& mk, bool causal, int64_t b, int64_t
   }
 }
 
-// NaN in value column e reaches every output row through 0 * NaN in P V (torch's math path),
-// including rows whose blocks we skip or that see no key: flag those columns up front.
+// Per (batch, key/value head, column): whether that column of K or V holds a NaN. NaN in value
+// column e reaches every output row through 0 * NaN in P V (torch's math path), including rows
+// whose blocks we skip or that see no key; the backward has the same issue with K in dQ.
 template <typename scalar_t>
-std::vector<uint8_t> value_nan_columns(const Args& a) {
-  std::vector<uint8_t> flags(a.B * a.Hkv * a.Ev, 0);
-  const scalar_t* v = static_cast<const scalar_t*>(a.v);
-  at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t t0, int64_t t1) {
+std::vector<uint8_t> nan_columns(const scalar_t* x, const int64_t* st, int64_t B, int64_t H,
+                                 int64_t S, int64_t D) {
+  std::vector<uint8_t> flags(B * H * D, 0);
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / a.Hkv, h = t % a.Hkv;
-      const scalar_t* base = v + b * a.sv[0] + h * a.sv[1];
-      uint8_t* f = flags.data() + t * a.Ev;
-      for (int64_t j = 0; j < a.S; ++j) {
-        const scalar_t* row = base + j * a.sv[2];
-        for (int64_t e = 0; e < a.Ev; ++e) f[e] |= at::_isnan(row[e * a.sv[3]]) ? 1 : 0;
+      const scalar_t* base = x + (t / H) * st[0] + (t % H) * st[1];
+      uint8_t* f = flags.data() + t * D;
+      for (int64_t j = 0; j < S; ++j) {
+        const scalar_t* row = base + j * st[2];
+        for (int64_t e = 0; e < D; ++e) f[e] |= at::_isnan(row[e * st[3]]) ? 1 : 0;
       }
     }
   });
@@ -349,7 +351,7 @@ void forward_impl(const Args& a) {
   scalar_t* out = static_cast<scalar_t*>(a.out);
   const MaskView<scalar_t> mk(a);
   const Dropout drop(a);
-  const std::vector<uint8_t> vnan = value_nan_columns<scalar_t>(a);
+  const std::vector<uint8_t> vnan = nan_columns(v, a.sv, B, a.Hkv, S, Ev);
 
   at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
     // Per-thread scratch: Q block, K^T block, V block, scores, output accumulator, row stats.
@@ -420,202 +422,322 @@ void forward_impl(const Args& a) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Backward (FlashAttention-2 in the transposed frame), one task per (batch, key/value head).
+// Backward (FlashAttention-2 in the transposed frame).
 //
 // With Qs = scale * Q, P = exp(Qs K^T - lse), Pd = P * keep / (1 - p) and dP = dO V^T:
 //   dV = Pd^T dO,  dS = P * (dP * keep / (1 - p) - D) with D = rowsum(dO * O),
 //   dK = dS^T Qs,  dQ = scale * dS K.
-// Per task the query side of its head group (Qs, Qs^T, dO, dO^T, D, lse) is packed once, so
-// the inner loop only runs products and element-wise work; dQ^T accumulates per head.
+// The query side of a head (Qs, Qs^T, dO, dO^T, D, lse) is packed once, so the inner loop only
+// runs products and element-wise work. Two schedules, chosen by how much parallelism the
+// heads give, run the very same block steps in the same order, so they agree bit for bit:
+//  * one task per (batch, key/value head): walks key blocks, accumulating dK, dV per block and
+//    dQ^T per head (5 products per block pair);
+//  * when there are fewer (batch, key/value head) pairs than threads: one task per key block
+//    for dK, dV, then one per query block for dQ (7 products per block pair, all threads busy).
+
+template <typename scalar_t>
+struct Backward {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using V = Vectorized<acc_t>;
+  static constexpr int64_t W = V::size();
+  static constexpr int64_t BQ = 64, BK = 64;
+
+  const Args& a;
+  int64_t B, Hq, Hkv, L, S, E, Ev, group, Lp, Ep, Evp, nqb, nkb;
+  acc_t scale;
+  MaskView<scalar_t> mk;
+  Dropout drop;
+  std::vector<double> lse64;     // float64 only: exact lse (see the constructor)
+  std::vector<uint8_t> k_nan;    // per (b, kvh, e): a NaN in that column of K
+
+  // Offsets of one packed head inside its block of per_head() elements.
+  struct Head {
+    acc_t* qs;   // L x Ep, scaled
+    acc_t* qst;  // E x Lp
+    acc_t* dO;   // L x Evp
+    acc_t* dOt;  // Ev x Lp
+    acc_t* D;    // Lp
+    acc_t* lse;  // Lp
+  };
+
+  explicit Backward(const Args& args)
+      : a(args), B(args.B), Hq(args.Hq), Hkv(args.Hkv), L(args.L), S(args.S), E(args.E),
+        Ev(args.Ev), mk(args), drop(args) {
+    group = Hq / Hkv;
+    Lp = round_up(std::max<int64_t>(L, 1), W);
+    Ep = round_up(E, W), Evp = round_up(Ev, W);
+    nqb = (L + BQ - 1) / BQ, nkb = (S + BK - 1) / BK;
+    scale = static_cast<acc_t>(a.scale);
+    // The saved lse is float32, which would cap float64 gradients at float32 accuracy;
+    // float64 (gradcheck) recomputes it in double with one more forward.
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      lse64.resize(B * Hq * L);
+      std::vector<double> tmp_out(B * Hq * L * Ev);
+      std::vector<float> tmp_lse(B * Hq * L);
+      Args f = a;
+      f.out = tmp_out.data(), f.lse = tmp_lse.data(), f.lse64 = lse64.data();
+      forward_impl<double>(f);
+    }
+    k_nan = nan_columns(static_cast<const scalar_t*>(a.k), a.sk, B, Hkv, S, E);
+  }
+
+  int64_t per_head() const { return L * Ep + E * Lp + L * Evp + Ev * Lp + 2 * Lp; }
+
+  Head view(acc_t* p) const {
+    Head hd;
+    hd.qs = p, p += L * Ep;
+    hd.qst = p, p += E * Lp;
+    hd.dO = p, p += L * Evp;
+    hd.dOt = p, p += Ev * Lp;
+    hd.D = p, p += Lp;
+    hd.lse = p;
+    return hd;
+  }
+
+  void pack_head(int64_t b, int64_t h, const Head& hd) const {
+    const scalar_t* qh = static_cast<const scalar_t*>(a.q) + b * a.sq[0] + h * a.sq[1];
+    const scalar_t* oh = static_cast<const scalar_t*>(a.out) + b * a.so[0] + h * a.so[1];
+    const scalar_t* doh = static_cast<const scalar_t*>(a.dout) + b * a.sdo[0] + h * a.sdo[1];
+    load_block(hd.qs, Ep, qh, a.sq[2], a.sq[3], L, L, E, scale);
+    load_block(hd.dO, Evp, doh, a.sdo[2], a.sdo[3], L, L, Ev, acc_t(1));
+    transpose(hd.qs, Ep, hd.qst, Lp, L, E);
+    transpose(hd.dO, Evp, hd.dOt, Lp, L, Ev);
+    for (int64_t e = 0; e < E; ++e) std::fill(hd.qst + e * Lp + L, hd.qst + (e + 1) * Lp, acc_t(0));
+    for (int64_t e = 0; e < Ev; ++e) std::fill(hd.dOt + e * Lp + L, hd.dOt + (e + 1) * Lp, acc_t(0));
+    const float* lse_h = a.lse + (b * Hq + h) * L;
+    for (int64_t i = 0; i < L; ++i) {
+      acc_t s = 0;
+      const scalar_t* orow = oh + i * a.so[2];
+      const acc_t* drow = hd.dO + i * Evp;
+      for (int64_t e = 0; e < Ev; ++e) s += drow[e] * static_cast<acc_t>(orow[e * a.so[3]]);
+      hd.D[i] = s;
+      hd.lse[i] = lse64.empty() ? static_cast<acc_t>(lse_h[i])
+                                : static_cast<acc_t>(lse64[(b * Hq + h) * L + i]);
+    }
+    // Padding queries: lse = +inf makes their probabilities exactly 0.
+    for (int64_t i = L; i < Lp; ++i) hd.D[i] = 0, hd.lse[i] = std::numeric_limits<acc_t>::infinity();
+  }
+
+  // The reference's products also multiply hidden (zero) entries, so a NaN anywhere in a
+  // column of Q, K or dO, or a NaN row of P (NaN lse), reaches gradient entries that the blocks
+  // we skip never touch. These flags patch the results to the reference's NaN semantics.
+  struct QueryNans {
+    std::vector<uint8_t> q, dO;
+    bool p = false;
+  };
+  QueryNans query_nans(const Head* heads) const {  // heads: the group of one key/value head
+    QueryNans f;
+    f.q.assign(E, 0), f.dO.assign(Ev, 0);
+    for (int64_t g = 0; g < group; ++g) {
+      const Head& hd = heads[g];
+      for (int64_t i = 0; i < L; ++i) {
+        for (int64_t e = 0; e < E; ++e) f.q[e] |= std::isnan(hd.qs[i * Ep + e]) ? 1 : 0;
+        for (int64_t e = 0; e < Ev; ++e) f.dO[e] |= std::isnan(hd.dO[i * Evp + e]) ? 1 : 0;
+        f.p = f.p || std::isnan(hd.lse[i]);
+      }
+    }
+    return f;
+  }
+
+  // Per-thread block buffers.
+  struct Scratch {
+    std::vector<acc_t> kn, kt, vn, st, dpt, pd, dkacc, dvacc, tmp;
+    explicit Scratch(const Backward& bw)
+        : kn(BK * bw.E), kt(bw.E * BK), vn(BK * bw.Ev), st(BK * BQ), dpt(BK * BQ), pd(BK * BQ),
+          dkacc(BK * bw.Ep), dvacc(BK * bw.Evp), tmp(std::max(bw.Ep, bw.Evp) * BQ) {}
+  };
+
+  void load_keys(int64_t b, int64_t kvh, int64_t j0, int64_t n, Scratch& sc) const {
+    const scalar_t* kb = static_cast<const scalar_t*>(a.k) + b * a.sk[0] + kvh * a.sk[1] + j0 * a.sk[2];
+    const scalar_t* vb = static_cast<const scalar_t*>(a.v) + b * a.sv[0] + kvh * a.sv[1] + j0 * a.sv[2];
+    load_block(sc.kn.data(), E, kb, a.sk[2], a.sk[3], n, n, E, acc_t(1));
+    load_block(sc.vn.data(), Ev, vb, a.sv[2], a.sv[3], n, n, Ev, acc_t(1));
+    transpose(sc.kn.data(), E, sc.kt.data(), n, n, E);
+  }
+
+  // One (key block, query block) pair: P^T into sc.st, dS^T into sc.dpt; returns Pd^T.
+  const acc_t* step(int64_t b, int64_t h, int64_t j0, int64_t n, int64_t i0, int64_t m,
+                    int64_t mp, const Head& hd, Scratch& sc) const {
+    acc_t* st = sc.st.data();
+    acc_t* dpt = sc.dpt.data();
+    // S^T = K Qs^T (n x mp), masked; P^T = exp(S^T - lse).
+    gemm(n, mp, E, sc.kn.data(), E, hd.qst + i0, Lp, st, mp, false);
+    mask_scores_t(mk, a.causal, b, h, i0, m, j0, n, st, mp, neg_inf<acc_t>(), true);
+    for (int64_t c = 0; c < n; ++c) {
+      acc_t* row = st + c * mp;
+      for (int64_t r = 0; r < mp; r += W) {
+        (V::loadu(row + r) - V::loadu(hd.lse + i0 + r)).exp_u20().store(row + r);
+      }
+    }
+    // dP^T = V dO^T (n x mp).
+    gemm(n, mp, Ev, sc.vn.data(), Ev, hd.dOt + i0, Lp, dpt, mp, false);
+    const acc_t* pdrop = st;
+    if (drop.on) {
+      const acc_t inv = static_cast<acc_t>(drop.inv_keep);
+      acc_t* pd = sc.pd.data();
+      for (int64_t c = 0; c < n; ++c) {
+        for (int64_t r = 0; r < m; ++r) {
+          const bool kp = drop.keep(drop.row_base(b, h, i0 + r) + j0 + c);
+          pd[c * mp + r] = kp ? st[c * mp + r] * inv : acc_t(0);
+          dpt[c * mp + r] = kp ? dpt[c * mp + r] * inv : acc_t(0);
+        }
+        for (int64_t r = m; r < mp; ++r) pd[c * mp + r] = 0;
+      }
+      pdrop = pd;
+    }
+    // dS^T = P^T * (dP^T - D), in place of dP^T.
+    for (int64_t c = 0; c < n; ++c) {
+      acc_t* dr = dpt + c * mp;
+      const acc_t* pr = st + c * mp;
+      for (int64_t r = 0; r < mp; r += W) {
+        (V::loadu(pr + r) * (V::loadu(dr + r) - V::loadu(hd.D + i0 + r))).store(dr + r);
+      }
+    }
+    // Hidden scores get exactly zero gradient, as masked_fill's backward gives them, even where
+    // a NaN elsewhere would turn 0 * (dP - D) into NaN. (-inf from an additive mask is a score
+    // like any other: it keeps 0 * NaN = NaN, as in the reference.)
+    mask_scores_t(mk, a.causal, b, h, i0, m, j0, n, dpt, mp, acc_t(0), false);
+    return pdrop;
+  }
+
+  // dV += Pd^T dO and dK += dS^T Qs for one pair (after step()).
+  void accumulate_dkdv(const acc_t* pdrop, int64_t n, int64_t i0, int64_t m, int64_t mp,
+                       const Head& hd, Scratch& sc) const {
+    gemm(n, Evp, m, pdrop, mp, hd.dO + i0 * Evp, Evp, sc.dvacc.data(), Evp, true);
+    gemm(n, Ep, m, sc.dpt.data(), mp, hd.qs + i0 * Ep, Ep, sc.dkacc.data(), Ep, true);
+  }
+
+  // dQ^T[:, i0:i0+mp] += K^T dS^T (dqt has leading dimension Lp).
+  void accumulate_dq(int64_t n, int64_t i0, int64_t mp, acc_t* dqt, Scratch& sc) const {
+    gemm(E, mp, n, sc.kt.data(), n, sc.dpt.data(), mp, dqt + i0, Lp, true);
+  }
+
+  void store_dkdv(int64_t b, int64_t kvh, int64_t j0, int64_t n, const QueryNans& f,
+                  const Scratch& sc) const {
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    scalar_t* dkb = static_cast<scalar_t*>(a.dk) + ((b * Hkv + kvh) * S + j0) * E;
+    scalar_t* dvb = static_cast<scalar_t*>(a.dv) + ((b * Hkv + kvh) * S + j0) * Ev;
+    for (int64_t c = 0; c < n; ++c) {
+      for (int64_t e = 0; e < E; ++e) {
+        dkb[c * E + e] = static_cast<scalar_t>(f.q[e] ? nan : sc.dkacc[c * Ep + e]);
+      }
+      for (int64_t e = 0; e < Ev; ++e) {
+        dvb[c * Ev + e] = static_cast<scalar_t>(f.p || f.dO[e] ? nan : sc.dvacc[c * Evp + e]);
+      }
+    }
+  }
+
+  // dQ rows i0..i0+m of head h = scale * (dQ^T)^T.
+  void store_dq(int64_t b, int64_t h, int64_t i0, int64_t m, const acc_t* dqt, Scratch& sc) const {
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    const uint8_t* kn = k_nan.data() + (b * Hkv + h / group) * E;
+    scalar_t* dqh = static_cast<scalar_t*>(a.dq) + (b * Hq + h) * L * E;
+    transpose(dqt + i0, Lp, sc.tmp.data(), E, E, m);
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t e = 0; e < E; ++e) {
+        dqh[(i0 + r) * E + e] = static_cast<scalar_t>(kn[e] ? nan : sc.tmp[r * E + e] * scale);
+      }
+    }
+  }
+
+  // Dropping out of a key block: queries before j0 see none of it under causal.
+  int64_t first_qb(int64_t j0) const { return a.causal ? j0 / BQ : 0; }
+
+  // Schedule 1: one task per (batch, key/value head).
+  void run_per_head() const {
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> packed(group * per_head()), dqt(group * E * Lp);
+      std::vector<Head> heads(group);
+      for (int64_t g = 0; g < group; ++g) heads[g] = view(packed.data() + g * per_head());
+      Scratch sc(*this);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / Hkv, kvh = t % Hkv;
+        for (int64_t g = 0; g < group; ++g) pack_head(b, kvh * group + g, heads[g]);
+        const QueryNans f = query_nans(heads.data());
+        std::fill(dqt.begin(), dqt.end(), acc_t(0));
+        for (int64_t j0 = 0; j0 < S; j0 += BK) {
+          const int64_t n = std::min(BK, S - j0);
+          load_keys(b, kvh, j0, n, sc);
+          std::fill(sc.dkacc.begin(), sc.dkacc.end(), acc_t(0));
+          std::fill(sc.dvacc.begin(), sc.dvacc.end(), acc_t(0));
+          for (int64_t g = 0; g < group; ++g) {
+            for (int64_t qb = first_qb(j0); qb < nqb; ++qb) {
+              const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0), mp = round_up(m, W);
+              const acc_t* pdrop = step(b, kvh * group + g, j0, n, i0, m, mp, heads[g], sc);
+              accumulate_dkdv(pdrop, n, i0, m, mp, heads[g], sc);
+              accumulate_dq(n, i0, mp, dqt.data() + g * E * Lp, sc);
+            }
+          }
+          store_dkdv(b, kvh, j0, n, f, sc);
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          for (int64_t i0 = 0; i0 < L; i0 += BQ) {
+            store_dq(b, kvh * group + g, i0, std::min(BQ, L - i0), dqt.data() + g * E * Lp, sc);
+          }
+        }
+      }
+    });
+  }
+
+  // Schedule 2: the query side of every head packed up front (memory ~ 4x that of Q and dO,
+  // used only when there are few heads), then dK/dV per key block and dQ per query block.
+  void run_per_block() const {
+    const int64_t ph = per_head();
+    std::vector<acc_t> packed(B * Hq * ph);
+    std::vector<Head> heads(B * Hq);
+    for (int64_t t = 0; t < B * Hq; ++t) heads[t] = view(packed.data() + t * ph);
+    at::parallel_for(0, B * Hq, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) pack_head(t / Hq, t % Hq, heads[t]);
+    });
+    std::vector<QueryNans> flags(B * Hkv);
+    for (int64_t t = 0; t < B * Hkv; ++t) flags[t] = query_nans(heads.data() + t * group);
+    at::parallel_for(0, B * Hkv * nkb, 1, [&](int64_t t0, int64_t t1) {
+      Scratch sc(*this);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t bk = t / nkb, b = bk / Hkv, kvh = bk % Hkv, j0 = (t % nkb) * BK;
+        const int64_t n = std::min(BK, S - j0);
+        load_keys(b, kvh, j0, n, sc);
+        std::fill(sc.dkacc.begin(), sc.dkacc.end(), acc_t(0));
+        std::fill(sc.dvacc.begin(), sc.dvacc.end(), acc_t(0));
+        for (int64_t g = 0; g < group; ++g) {
+          const Head& hd = heads[b * Hq + kvh * group + g];
+          for (int64_t qb = first_qb(j0); qb < nqb; ++qb) {
+            const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0), mp = round_up(m, W);
+            accumulate_dkdv(step(b, kvh * group + g, j0, n, i0, m, mp, hd, sc), n, i0, m, mp, hd, sc);
+          }
+        }
+        store_dkdv(b, kvh, j0, n, flags[bk], sc);
+      }
+    });
+    at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
+      Scratch sc(*this);
+      std::vector<acc_t> dqt(E * Lp);  // full width: the products match schedule 1's exactly
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t bh = t / nqb, b = bh / Hq, h = bh % Hq, qb = t % nqb;
+        const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0), mp = round_up(m, W);
+        for (int64_t e = 0; e < E; ++e) std::fill(dqt.data() + e * Lp + i0, dqt.data() + e * Lp + i0 + mp, acc_t(0));
+        for (int64_t j0 = 0; j0 < S; j0 += BK) {
+          if (first_qb(j0) > qb) break;
+          const int64_t n = std::min(BK, S - j0);
+          load_keys(b, h / group, j0, n, sc);
+          step(b, h, j0, n, i0, m, mp, heads[bh], sc);
+          accumulate_dq(n, i0, mp, dqt.data(), sc);
+        }
+        store_dq(b, h, i0, m, dqt.data(), sc);
+      }
+    });
+  }
+};
 
 template <typename scalar_t>
 void backward_impl(const Args& a) {
-  using acc_t = typename AccOf<scalar_t>::type;
-  using V = Vectorized<acc_t>;
-  constexpr int64_t W = V::size();
-  const int64_t B = a.B, Hq = a.Hq, Hkv = a.Hkv, L = a.L, S = a.S, E = a.E, Ev = a.Ev;
-  const int64_t group = Hq / Hkv;
-  const int64_t BQ = 64, BK = 64;
-  const int64_t Lp = round_up(std::max<int64_t>(L, 1), W);
-  const int64_t Ep = round_up(E, W), Evp = round_up(Ev, W);
-  const int64_t nqb = (L + BQ - 1) / BQ;
-  const acc_t scale = static_cast<acc_t>(a.scale);
-  const scalar_t* q = static_cast<const scalar_t*>(a.q);
-  const scalar_t* k = static_cast<const scalar_t*>(a.k);
-  const scalar_t* v = static_cast<const scalar_t*>(a.v);
-  const scalar_t* o = static_cast<const scalar_t*>(a.out);
-  const scalar_t* dout = static_cast<const scalar_t*>(a.dout);
-  scalar_t* dq = static_cast<scalar_t*>(a.dq);
-  scalar_t* dk = static_cast<scalar_t*>(a.dk);
-  scalar_t* dv = static_cast<scalar_t*>(a.dv);
-  const MaskView<scalar_t> mk(a);
-  const Dropout drop(a);
-  // The saved lse is float32, which would cap float64 gradients at float32 accuracy; float64
-  // (gradcheck) recomputes it in double with one more forward.
-  std::vector<double> lse64;
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    lse64.resize(B * Hq * L);
-    std::vector<double> tmp_out(B * Hq * L * Ev);
-    std::vector<float> tmp_lse(B * Hq * L);
-    Args f = a;
-    f.out = tmp_out.data(), f.lse = tmp_lse.data(), f.lse64 = lse64.data();
-    forward_impl<double>(f);
+  const Backward<scalar_t> bw(a);
+  if (a.B * a.Hkv < at::get_num_threads()) {
+    bw.run_per_block();
+  } else {
+    bw.run_per_head();
   }
-
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    // Query side for the whole head group, packed once per task.
-    std::vector<acc_t> qs(group * L * Ep), qst(group * E * Lp), don(group * L * Evp),
-        dot(group * Ev * Lp), dvec(group * Lp), lsev(group * Lp), dqt(group * E * Lp);
-    // Key side for one block, and the block buffers.
-    std::vector<acc_t> kn(BK * E), kt(E * BK), vn(BK * Ev), st(BK * BQ), dpt(BK * BQ),
-        pd(BK * BQ), dkacc(BK * Ep), dvacc(BK * Evp), tmp(std::max(Ep, Evp) * BQ);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / Hkv, kvh = t % Hkv;
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = kvh * group + g;
-        const scalar_t* qh = q + b * a.sq[0] + h * a.sq[1];
-        const scalar_t* oh = o + b * a.so[0] + h * a.so[1];
-        const scalar_t* doh = dout + b * a.sdo[0] + h * a.sdo[1];
-        acc_t* qsg = qs.data() + g * L * Ep;
-        acc_t* dog = don.data() + g * L * Evp;
-        load_block(qsg, Ep, qh, a.sq[2], a.sq[3], L, L, E, scale);
-        load_block(dog, Evp, doh, a.sdo[2], a.sdo[3], L, L, Ev, acc_t(1));
-        acc_t* qtg = qst.data() + g * E * Lp;
-        acc_t* dtg = dot.data() + g * Ev * Lp;
-        transpose(qsg, Ep, qtg, Lp, L, E);
-        transpose(dog, Evp, dtg, Lp, L, Ev);
-        for (int64_t e = 0; e < E; ++e) std::fill(qtg + e * Lp + L, qtg + (e + 1) * Lp, acc_t(0));
-        for (int64_t e = 0; e < Ev; ++e) std::fill(dtg + e * Lp + L, dtg + (e + 1) * Lp, acc_t(0));
-        acc_t* dg = dvec.data() + g * Lp;
-        acc_t* lg = lsev.data() + g * Lp;
-        const float* lse_h = a.lse + (b * Hq + h) * L;
-        for (int64_t i = 0; i < L; ++i) {
-          acc_t s = 0;
-          const scalar_t* orow = oh + i * a.so[2];
-          const acc_t* drow = dog + i * Evp;
-          for (int64_t e = 0; e < Ev; ++e) s += drow[e] * static_cast<acc_t>(orow[e * a.so[3]]);
-          dg[i] = s;
-          lg[i] = lse64.empty() ? static_cast<acc_t>(lse_h[i])
-                                : static_cast<acc_t>(lse64[(b * Hq + h) * L + i]);
-        }
-        // Padding queries: lse = +inf makes their probabilities exactly 0.
-        for (int64_t i = L; i < Lp; ++i) dg[i] = 0, lg[i] = std::numeric_limits<acc_t>::infinity();
-      }
-      std::fill(dqt.begin(), dqt.end(), acc_t(0));
-      // The reference's products also multiply hidden (zero) entries, so a NaN anywhere in a
-      // column of Q, K or dO, or a NaN row of P, reaches gradient entries that the blocks we
-      // skip never touch. Flag those columns and patch the results (NaN semantics of the
-      // reference, at the cost of a scan of what is packed anyway).
-      std::vector<uint8_t> q_nan(E, 0), k_nan(E, 0), do_nan(Ev, 0);
-      bool p_nan = false;
-      for (int64_t g = 0; g < group; ++g) {
-        const acc_t* qsg = qs.data() + g * L * Ep;
-        const acc_t* dog = don.data() + g * L * Evp;
-        for (int64_t i = 0; i < L; ++i) {
-          for (int64_t e = 0; e < E; ++e) q_nan[e] |= std::isnan(qsg[i * Ep + e]) ? 1 : 0;
-          for (int64_t e = 0; e < Ev; ++e) do_nan[e] |= std::isnan(dog[i * Evp + e]) ? 1 : 0;
-          p_nan |= std::isnan(lsev[g * Lp + i]);
-        }
-      }
-      const acc_t qnan_v = std::numeric_limits<acc_t>::quiet_NaN();
-      const scalar_t* kbase = k + b * a.sk[0] + kvh * a.sk[1];
-      const scalar_t* vbase = v + b * a.sv[0] + kvh * a.sv[1];
-      for (int64_t j0 = 0; j0 < S; j0 += BK) {
-        const int64_t n = std::min(BK, S - j0);
-        load_block(kn.data(), E, kbase + j0 * a.sk[2], a.sk[2], a.sk[3], n, n, E, acc_t(1));
-        load_block(vn.data(), Ev, vbase + j0 * a.sv[2], a.sv[2], a.sv[3], n, n, Ev, acc_t(1));
-        transpose(kn.data(), E, kt.data(), n, n, E);
-        for (int64_t c = 0; c < n; ++c) {
-          for (int64_t e = 0; e < E; ++e) k_nan[e] |= std::isnan(kn[c * E + e]) ? 1 : 0;
-        }
-        std::fill(dkacc.begin(), dkacc.end(), acc_t(0));
-        std::fill(dvacc.begin(), dvacc.end(), acc_t(0));
-        // Causal: queries before j0 see none of this block.
-        const int64_t qb0 = a.causal ? j0 / BQ : 0;
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = kvh * group + g;
-          const acc_t* qsg = qs.data() + g * L * Ep;
-          const acc_t* qtg = qst.data() + g * E * Lp;
-          const acc_t* dog = don.data() + g * L * Evp;
-          const acc_t* dtg = dot.data() + g * Ev * Lp;
-          const acc_t* dg = dvec.data() + g * Lp;
-          const acc_t* lg = lsev.data() + g * Lp;
-          acc_t* dqg = dqt.data() + g * E * Lp;
-          for (int64_t qb = qb0; qb < nqb; ++qb) {
-            const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0), mp = round_up(m, W);
-            // S^T = K Qs^T (n x mp), masked; P^T = exp(S^T - lse).
-            gemm(n, mp, E, kn.data(), E, qtg + i0, Lp, st.data(), mp, false);
-            mask_scores_t(mk, a.causal, b, h, i0, m, j0, n, st.data(), mp, neg_inf<acc_t>(), true);
-            for (int64_t c = 0; c < n; ++c) {
-              acc_t* row = st.data() + c * mp;
-              for (int64_t r = 0; r < mp; r += W) {
-                (V::loadu(row + r) - V::loadu(lg + i0 + r)).exp_u20().store(row + r);
-              }
-            }
-            // dP^T = V dO^T (n x mp).
-            gemm(n, mp, Ev, vn.data(), Ev, dtg + i0, Lp, dpt.data(), mp, false);
-            const acc_t* pdrop = st.data();
-            if (drop.on) {
-              const acc_t inv = static_cast<acc_t>(drop.inv_keep);
-              for (int64_t c = 0; c < n; ++c) {
-                for (int64_t r = 0; r < m; ++r) {
-                  const bool kp = drop.keep(drop.row_base(b, h, i0 + r) + j0 + c);
-                  pd[c * mp + r] = kp ? st[c * mp + r] * inv : acc_t(0);
-                  dpt[c * mp + r] = kp ? dpt[c * mp + r] * inv : acc_t(0);
-                }
-                for (int64_t r = m; r < mp; ++r) pd[c * mp + r] = 0;
-              }
-              pdrop = pd.data();
-            }
-            // dV += Pd^T dO.
-            gemm(n, Evp, m, pdrop, mp, dog + i0 * Evp, Evp, dvacc.data(), Evp, true);
-            // dS^T = P^T * (dP^T - D), in place of dP^T.
-            for (int64_t c = 0; c < n; ++c) {
-              acc_t* dr = dpt.data() + c * mp;
-              const acc_t* pr = st.data() + c * mp;
-              for (int64_t r = 0; r < mp; r += W) {
-                (V::loadu(pr + r) * (V::loadu(dr + r) - V::loadu(dg + i0 + r))).store(dr + r);
-              }
-            }
-            // Hidden scores get exactly zero gradient, as masked_fill's backward gives them, even
-            // where a NaN elsewhere would turn 0 * (dP - D) into NaN. (-inf from an additive mask
-            // is a score like any other: it keeps 0 * NaN = NaN, as in the reference.)
-            mask_scores_t(mk, a.causal, b, h, i0, m, j0, n, dpt.data(), mp, acc_t(0), false);
-            // dK += dS^T Qs;  dQ^T += K^T dS^T.
-            gemm(n, Ep, m, dpt.data(), mp, qsg + i0 * Ep, Ep, dkacc.data(), Ep, true);
-            gemm(E, mp, n, kt.data(), n, dpt.data(), mp, dqg + i0, Lp, true);
-          }
-        }
-        scalar_t* dkb = dk + ((b * Hkv + kvh) * S + j0) * E;
-        scalar_t* dvb = dv + ((b * Hkv + kvh) * S + j0) * Ev;
-        for (int64_t c = 0; c < n; ++c) {
-          for (int64_t e = 0; e < E; ++e) {
-            dkb[c * E + e] = static_cast<scalar_t>(q_nan[e] ? qnan_v : dkacc[c * Ep + e]);
-          }
-          for (int64_t e = 0; e < Ev; ++e) {
-            dvb[c * Ev + e] = static_cast<scalar_t>(p_nan || do_nan[e] ? qnan_v : dvacc[c * Evp + e]);
-          }
-        }
-      }
-      // dQ = scale * (dQ^T)^T.
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = kvh * group + g;
-        const acc_t* dqg = dqt.data() + g * E * Lp;
-        scalar_t* dqh = dq + (b * Hq + h) * L * E;
-        for (int64_t i0 = 0; i0 < L; i0 += BQ) {
-          const int64_t m = std::min(BQ, L - i0);
-          transpose(dqg + i0, Lp, tmp.data(), E, E, m);
-          for (int64_t r = 0; r < m; ++r) {
-            for (int64_t e = 0; e < E; ++e) {
-              dqh[(i0 + r) * E + e] = static_cast<scalar_t>(k_nan[e] ? qnan_v : tmp[r * E + e] * scale);
-            }
-          }
-        }
-      }
-    }
-  });
 }
-
 // ------------------------------------------------------------------------------------------
 
 void forward(const Args& a) {
