@@ -301,8 +301,10 @@ def test_bad_inputs_raise_clear_errors():
         _sdpa(q, k.to("meta"), v)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         _sdpa(torch.randn(16), k, v)
-    with pytest.raises(TypeError, match="must be a Tensor"):
+    with pytest.raises(TypeError, match="key must be a Tensor"):
         _sdpa(q, [1.0], v)
+    with pytest.raises(TypeError, match="query must be a Tensor"):
+        _sdpa(None, k, v)
     with pytest.raises(ValueError, match="does not broadcast"):
         _sdpa(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.bool))
     with pytest.raises(TypeError, match="attn_mask must be bool"):

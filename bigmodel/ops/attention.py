@@ -31,7 +31,7 @@ def _triton():
 def _check(query, key, value, attn_mask, dropout_p, is_causal, scale):
     """The errors torch's SDPA gives (and a few it leaves to the kernels), naming the shapes."""
     for name, t in (("query", query), ("key", key), ("value", value), ("attn_mask", attn_mask)):
-        if t is not None and not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) and not (name == "attn_mask" and t is None):
             raise TypeError(f"{_WHERE}: {name} must be a Tensor, got {type(t).__name__}")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dim() < 2:
