@@ -64,6 +64,8 @@ def parse_args(argv=None):
                    help="only cases whose family contains one of these comma-separated words (e.g. "
                         "'issue,e2e': the issues' target shapes and the training steps)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile providers")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and bigmodel (torch.set_num_threads; default: torch's)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per provider (default: by time budget)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds after which no new case starts (the rest is reported as skipped); "
@@ -180,6 +182,8 @@ def build_cases(args, device, ops, modes, dtypes):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = _device(args.device)
     name = device_name(device)
     out_dir = os.path.abspath(args.out)
