@@ -102,6 +102,15 @@ def test_masks(kind, mask_shape, dtype):
     check(q, k, v, dtype, f"{kind} mask {mask_shape}", attn_mask=mask)
 
 
+def test_float32_mask_with_fp16_query():
+    # torch accepts a float32 mask for a 16-bit query; it is cast to the query's dtype
+    q, k, v = (torch.randn(1, 2, n, 16).half() for n in (9, 12, 12))
+    mask = torch.randn(9, 12)
+    out = _ours(q, k, v, attn_mask=mask)
+    assert out.dtype == torch.float16
+    assert max_err(out, _ref(q.double(), k.double(), v.double(), attn_mask=mask.half().double())) < 2e-3
+
+
 @pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_fully_masked_rows_give_zero(kind, dtype):
@@ -311,6 +320,8 @@ def test_bad_inputs_raise_clear_errors():
         _sdpa(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.int32))
     with pytest.raises(TypeError, match="attn_mask must be bool"):
         _sdpa(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.float64))
+    with pytest.raises(TypeError, match="attn_mask must be bool"):
+        _sdpa(q.half(), k.half(), v.half(), attn_mask=torch.ones(5, 7, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="not both"):
         _sdpa(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True)
     for p in (1.0, -0.1, 1.5):

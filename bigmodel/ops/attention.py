@@ -55,9 +55,9 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale):
     if query.dtype not in supported or (query.dtype == torch.float64 and query.device.type == "cuda"):
         raise TypeError(f"{_WHERE}: dtype {query.dtype} is not supported on {query.device.type}")
     if attn_mask is not None:
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise TypeError(f"{_WHERE}: attn_mask must be bool (True = attend) or a float mask of the "
-                            f"query's dtype {query.dtype}; got {attn_mask.dtype}")
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise TypeError(f"{_WHERE}: attn_mask must be bool (True = attend), float32 or the query's dtype "
+                            f"{query.dtype} (as torch); got {attn_mask.dtype}")
         if is_causal:
             raise ValueError(f"{_WHERE}: give either attn_mask or is_causal=True, not both (as torch)")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
@@ -202,7 +202,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         key (Tensor): ``(N, ..., H, S, E)``.
         value (Tensor): ``(N, ..., H, S, Ev)``; ``Ev`` may differ from ``E``. Head dims up to 256.
         attn_mask (Tensor, optional): broadcastable to ``(N, ..., Hq, L, S)``; bool (True = take
-            part in attention) or a float mask of the query's dtype added to the scores.
+            part in attention) or a float mask (float32 or the query's dtype) added to the scores.
         dropout_p (float): dropout probability in ``[0, 1)``, applied whenever it is > 0 (this is
             a function: it does not know about ``module.training``). Reproducible under
             :func:`torch.manual_seed`.
@@ -229,6 +229,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
             attn_mask = attn_mask.to(dtype)
     _check(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
+        attn_mask = attn_mask.to(query.dtype)  # a float32 mask for a 16-bit query (before any expand)
     q4, k4, v4, mask4, lead = _layout(query, key, value, attn_mask, enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     out = _attention_4d(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), scale)
