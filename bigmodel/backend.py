@@ -6,16 +6,20 @@ Backends:
   ``triton``     the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``
                  (that is how CI runs them).
   ``reference``  plain PyTorch (bigmodel.reference), what the tests trust.
+  ``cublaslt``   linear_relu only, CUDA tensors: cuBLASLt with the RELU_AUX_BIAS epilogue
+                 (csrc/cuda/). Not what ``auto`` picks until it is measured on the H200.
 
 Chosen by the ``BIGMODEL_BACKEND`` environment variable or the :func:`use_backend` context
-manager (process-wide, like torch.backends flags; the innermost one wins).
+manager. The override is process-wide, like torch.backends flags: a ``use_backend`` block in one
+thread applies to calls made meanwhile from other threads too (the innermost block wins), and the
+setting is restored when every block has exited.
 """
 import contextlib
 import os
 
 import torch
 
-BACKENDS = ("auto", "cpp", "triton", "reference")
+BACKENDS = ("auto", "cpp", "triton", "reference", "cublaslt")
 
 _stack = []  # overrides from use_backend(), innermost last
 
@@ -60,8 +64,11 @@ def default_for(device_type):
     return "triton" if device_type == "cuda" else "cpp"
 
 
-def resolve(device, op):
-    """The concrete backend for an op on ``device`` under the current setting; raises if it can't run there."""
+def resolve(device, op, extra=()):
+    """The concrete backend for an op on ``device`` under the current setting; raises if it can't run there.
+
+    ``extra`` names the op-specific backends the op has (e.g. ``("cublaslt",)`` for linear_relu).
+    """
     name = current()
     dtype = device.type
     if name == "auto":
@@ -73,6 +80,9 @@ def resolve(device, op):
         )
     if name == "cpp" and dtype != "cpu":
         raise RuntimeError(f"bigmodel.{op}: the 'cpp' backend runs on CPU tensors; got {dtype} tensors")
-    if name not in ("triton", "cpp", "reference"):
+    if name == "cublaslt" and (dtype != "cuda" or name not in extra):
+        raise RuntimeError(f"bigmodel.{op}: the 'cublaslt' backend runs linear_relu on CUDA tensors; "
+                           f"got {op} on {dtype} tensors")
+    if name not in ("triton", "cpp", "reference", "cublaslt"):
         raise RuntimeError(f"bigmodel.{op}: no backend for {dtype} tensors")
     return name

@@ -24,7 +24,7 @@ def _check(input, weight, bias):
     """The errors F.linear gives, naming the shapes; raises before any kernel runs."""
     where = "bigmodel.linear_relu"
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
-        if t is not None and not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
     if input.dim() < 1:
         raise ValueError(f"{where}: input must have at least 1 dimension, got a 0-d tensor")
@@ -70,7 +70,11 @@ class _TritonKernels:
 
 
 def _linear_relu_2d(x, weight, bias):
-    name = backend.resolve(x.device, _NAME)
+    name = backend.resolve(x.device, _NAME, extra=("cublaslt",))
+    if name == "cublaslt":
+        from bigmodel.ops.linear_relu_cublaslt import linear_relu_cublaslt
+
+        return linear_relu_cublaslt(x, weight, bias)
     if name == "reference":
         return ref_linear_relu(x, weight, bias)
     if name == backend.default_for(x.device.type) and _registry.has_ops():
@@ -99,7 +103,8 @@ def linear_relu(input, weight, bias=None):
     tensors, Triton for CUDA tensors. Supports float32, float16, bfloat16 (and float64 on CPU),
     autograd, autocast and ``torch.compile``.
     """
-    if isinstance(input, torch.Tensor) and torch.is_autocast_enabled(input.device.type):
+    if (isinstance(input, torch.Tensor) and input.device.type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(input.device.type)):
         # As F.linear under autocast: compute in the autocast dtype.
         dtype = torch.get_autocast_dtype(input.device.type)
         input, weight = input.to(dtype), weight.to(dtype)
