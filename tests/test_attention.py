@@ -184,6 +184,10 @@ def test_empty_inputs():
     assert out.shape == (1, 2, 5, 8) and (out == 0).all()
     out.sum().backward()
     assert (q.grad == 0).all()
+    q, k, v = torch.randn(1, 2, 5, 0), torch.randn(1, 2, 7, 0), torch.randn(1, 2, 7, 8)
+    with bigmodel.use_backend("triton"):
+        out = bigmodel.scaled_dot_product_attention(q, k, v)  # E = 0: uniform weights
+    torch.testing.assert_close(out, v.mean(-2, keepdim=True).expand(1, 2, 5, 8))
 
 
 # ---------------------------------------------------------------------------------------------

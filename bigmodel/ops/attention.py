@@ -232,7 +232,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
         attn_mask = attn_mask.to(query.dtype)  # a float32 mask for a 16-bit query (before any expand)
     q4, k4, v4, mask4, lead = _layout(query, key, value, attn_mask, enable_gqa)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    if scale is None:  # (E = 0 has all-zero scores whatever the scale: avoid 1/0)
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0
+    scale = float(scale)
     out = _attention_4d(q4, k4, v4, mask4, float(dropout_p), bool(is_causal), scale)
     return out.reshape(*lead, query.shape[-2], value.shape[-1])
 
