@@ -56,8 +56,8 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale):
         raise TypeError(f"{_WHERE}: dtype {query.dtype} is not supported on {query.device.type}")
     if attn_mask is not None:
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-            raise TypeError(f"{_WHERE}: attn_mask must be bool (True = attend), float32 or the query's dtype "
-                            f"{query.dtype} (as torch); got {attn_mask.dtype}")
+            raise TypeError(f"{_WHERE}: attn_mask must be bool (True = attend) or a float mask of the query's "
+                            f"dtype {query.dtype}; got {attn_mask.dtype} (float32 is accepted too, as in torch)")
         if is_causal:
             raise ValueError(f"{_WHERE}: give either attn_mask or is_causal=True, not both (as torch)")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
