@@ -581,6 +581,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, mask, dropout_p, is_causal, scale
         return dq.zero_(), dk.zero_(), dv.zero_()
     seed, offset = _rng(dropout_p, rng_seed, where)
     mask_t, mstr = _mask_args(mask, q)
+    lse = lse.contiguous()  # the kernels index it as (B, H, L); a no-op for the forward's own
     block_dv = _block_dim(EV)
     delta = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
     _attention_bwd_preprocess_kernel[(triton.cdiv(L, _PRE_BLOCK_M) * B * H,)](
