@@ -13,8 +13,6 @@ import sys
 import tempfile
 import time
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMEM_LIMIT = 227 * 1024
 DTYPES = ("fp16", "bf16", "fp32")
@@ -140,8 +138,11 @@ def _linear_relu_jobs():
     from bigmodel.kernels import linear_relu as lr
 
     kernels = {
-        "_linear_relu_fwd_kernel": (lr._FWD_SHAPES, 0, dict(HAS_BIAS=True, GROUP_M=8), ("stride_xk", "stride_wk", "stride_yn")),
-        "_linear_relu_bwd_dx_kernel": (lr._BWD_SHAPES, 1, dict(GROUP_M=8), ("stride_gn", "stride_yn", "stride_wk", "stride_dxk")),
+        # kernel: (Hopper shapes, extra tiles in the smem model, constexprs, unit strides)
+        "_linear_relu_fwd_kernel": (lr._FWD_SHAPES, 0, dict(HAS_BIAS=True, GROUP_M=8),
+                                    ("stride_xk", "stride_wk", "stride_yn")),
+        "_linear_relu_bwd_dx_kernel": (lr._BWD_SHAPES, 1, dict(GROUP_M=8),
+                                       ("stride_gn", "stride_yn", "stride_wk", "stride_dxk")),
         "_linear_relu_bwd_dw_kernel": (lr._BWD_SHAPES, 1, dict(COMPUTE_DW=True, COMPUTE_DB=True),
                                        ("stride_gn", "stride_yn", "stride_xk", "stride_dwk")),
     }
