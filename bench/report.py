@@ -190,7 +190,7 @@ def plot_families(op, shape):
     """(family title, x name, x value) of a row for the plots, or None (not on a line)."""
     s = parse_shape(shape)
     if op == "attention":
-        return f"D={s['D']} causal={s['causal']} (B*L={s['B'] * s['L']}, H*D={s['H'] * s['D']})", "L", s["L"]
+        return f"D={s['D']} causal={s['causal']} (H*D={s['H'] * s['D']})", "L", s["L"]
     if op == "linear_relu":
         M, K, N = s["M"], s["K"], s["N"]
         if M == K == N:
@@ -228,19 +228,28 @@ def plots(rows, out_dir, device_name):
         if not fams:
             continue
         modes = sorted({m for f in fams.values() for m in f}, key=lambda m: MODE_ORDER.get(m, 9))
+        # One colour per provider across the whole figure.
+        names = sorted({r["provider"] for f in fams.values() for v in f.values() for _, r in v})
+        palette = plt.get_cmap("tab10")
+        color = {n: palette(i % 10) for i, n in enumerate(names)}
         fig, axes = plt.subplots(len(fams), len(modes), figsize=(4.6 * len(modes), 3.4 * len(fams)),
                                  squeeze=False)
         for i, (title, by_mode) in enumerate(sorted(fams.items())):
             for j, mode in enumerate(modes):
                 ax = axes[i][j]
-                lines = defaultdict(list)
+                lines = defaultdict(dict)
                 for x, r in by_mode.get(mode, []):
-                    lines[r["provider"]].append((x, _f(r["tflops"])))
+                    # Two shapes at one x (a target shape beside the sweep's point): keep the
+                    # larger problem, the sweep's.
+                    flops = _f(r["tflops"]) * _f(r["ms_p50"])
+                    if x not in lines[r["provider"]] or flops > lines[r["provider"]][x][1]:
+                        lines[r["provider"]][x] = (_f(r["tflops"]), flops)
                 for provider in sorted(lines):
-                    pts = sorted(lines[provider])
-                    style = "-" if provider.startswith("bigmodel") else "--"
+                    pts = sorted((x, v[0]) for x, v in lines[provider].items())
+                    style = "-" if provider.startswith("bigmodel") else ":" if provider.startswith("bound") else "--"
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3,
-                            lw=2 if provider.startswith("bigmodel") else 1.2, label=provider)
+                            color=color[provider], lw=2 if provider.startswith("bigmodel") else 1.2,
+                            label=provider)
                 if not math.isnan(ceil[dtype][0]):
                     ax.axhline(ceil[dtype][0], color="gray", ls=":", lw=1, label="matmul ceiling")
                 ax.set_xscale("log", base=2)
