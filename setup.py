@@ -104,7 +104,8 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))]
-    sources += [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))]
+    for sub in ("autograd", "cpu"):
+        sources += [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", sub, "*.cpp")))]
     cxx_flags = ["-O3", "-fopenmp", "-DBIGMODEL_WITH_CUDA=%d" % int(with_cuda)]
     if sys.platform == "linux":
         cxx_flags.append("-fvisibility=hidden")

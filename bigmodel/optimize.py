@@ -102,7 +102,7 @@ def optimize(model, *, inplace=False):
         level on the ``"bigmodel"`` logger.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"bigmodel.optimize: expected an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"bigmodel.optimize: model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     report = OptimizeReport()

@@ -43,7 +43,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def from_torch(cls, mha):
         """A :class:`MultiheadAttention` sharing ``mha``'s parameters, buffers, submodules and hooks."""
         if not isinstance(mha, torch.nn.MultiheadAttention):
-            raise TypeError(f"MultiheadAttention.from_torch: expected a torch.nn.MultiheadAttention, got "
+            raise TypeError(f"MultiheadAttention.from_torch: mha must be a torch.nn.MultiheadAttention, got "
                             f"{type(mha).__name__}")
         new = cls.__new__(cls)
         new.__dict__.update(mha.__dict__)

@@ -1,8 +1,8 @@
 """bigmodel::linear_relu: y = relu(x W^T + b), its registration and its public function.
 
-The schema is in csrc/bigmodel.cpp and the CPU kernel in csrc/cpu/linear_relu.cpp; this file
-adds the fake (meta) kernels, autograd, autocast and the CUDA kernel (Triton), and the public
-function that maps F.linear's contract onto the 2-D op.
+The schema is in csrc/bigmodel.cpp, the CPU kernel in csrc/cpu/linear_relu.cpp and autograd in
+csrc/autograd/linear_relu.cpp; this file adds the fake (meta) kernels, autocast and the CUDA
+kernel (Triton), and the public function that maps F.linear's contract onto the 2-D op.
 """
 import torch
 
@@ -113,7 +113,8 @@ def linear_relu(input, weight, bias=None):
     lead = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])  # a view whenever the strides allow
     out = _linear_relu_2d(x, weight, bias)
-    return out.reshape(*lead, weight.shape[0])
+    # 2-D in, the op's own tensor out (not a view: FSDP2 and in-place users prefer that).
+    return out if input.dim() == 2 else out.reshape(*lead, weight.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,20 +133,6 @@ def _fake_backward(grad_output, output, input, weight, output_mask):
             output.new_empty(weight.shape[0]) if output_mask[2] else output.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
-    input, weight, bias = inputs
-    ctx.save_for_backward(input, weight, output)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad):
-    input, weight, output = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], ctx.has_bias and need[2]]
-    dx, dw, db = torch.ops.bigmodel.linear_relu_backward(grad, output, input, weight, mask)
-    return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None)
-
-
 def _cuda_forward(input, weight, bias):
     return _triton().linear_relu_fwd(input, weight, bias)
 
@@ -157,7 +144,7 @@ def _cuda_backward(grad_output, output, input, weight, output_mask):
 if _registry.has_ops():
     torch.library.register_fake("bigmodel::linear_relu", _fake_forward)
     torch.library.register_fake("bigmodel::linear_relu_backward", _fake_backward)
-    torch.library.register_autograd("bigmodel::linear_relu", _backward, setup_context=_setup_context)
+    # Autograd is registered in C++ (csrc/autograd/linear_relu.cpp): cheaper per call.
     torch.library.register_kernel("bigmodel::linear_relu", "cuda", _cuda_forward)
     torch.library.register_kernel("bigmodel::linear_relu_backward", "cuda", _cuda_backward)
     _registry.register_autocast(_NAME)
