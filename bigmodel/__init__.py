@@ -6,7 +6,7 @@
   optimize(model)                                 swap and fuse a model's layers
   use_backend(name)                               'auto' | 'cpp' | 'triton' | 'reference'
 """
-from bigmodel import nn  # noqa: F401
+from bigmodel import integrations, nn  # noqa: F401
 from bigmodel.backend import use_backend  # noqa: F401
 from bigmodel.ops.attention import scaled_dot_product_attention  # noqa: F401
 from bigmodel.ops.linear_relu import linear_relu  # noqa: F401
