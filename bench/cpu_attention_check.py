@@ -1,8 +1,9 @@
 """Speed check of the C++ CPU attention engine against torch's CPU SDPA (fp32).
 
 Calls alternate between the two in one process and the medians are compared, so a machine
-shared with other work still gives fair ratios. Also measures this machine's fp32 GEMM rate
-(a large torch.mm) and reports what fraction of it the attention reaches.
+shared with other work still gives fair ratios. A large fp32 torch.mm is timed in the same
+rotation: the machine's GEMM rate under the same conditions, and the fraction of it the
+attention reaches.
 
     python bench/cpu_attention_check.py [--reps 15] [--threads N]
 
@@ -31,11 +32,10 @@ def _time(fn):
     return time.perf_counter() - t0
 
 
-def gemm_rate(n=2048, reps=5):
+def gemm_fn(n=1536):
+    """A large fp32 torch.mm and its FLOPs: the machine's practical GEMM rate."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(_time(lambda: torch.mm(a, b)) for _ in range(reps))
-    return 2 * n**3 / best / 1e9
+    return (lambda: torch.mm(a, b)), 2 * n**3
 
 
 def make_fns(mode, B, H, L, D, causal):
@@ -74,23 +74,27 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rate = gemm_rate()
+    mm, mm_flops = gemm_fn()
+    mm()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"capability {torch.backends.cpu.get_cpu_capability()}")
-    print(f"fp32 GEMM rate (2048^3 torch.mm): {rate:.1f} GFLOP/s")
-    print(f"{'case':42s} {'ours ms':>9s} {'torch ms':>9s} {'speedup':>8s} {'GFLOP/s':>8s} {'of GEMM':>8s}")
+    print(f"{'case':42s} {'ours ms':>9s} {'torch ms':>9s} {'speedup':>8s} {'GFLOP/s':>8s} "
+          f"{'GEMM GF/s':>10s} {'of GEMM':>8s}")
     for case in CASES:
         ours, ref = make_fns(*case)
         ours(), ref()
-        to, tr = [], []
-        for _ in range(args.reps):  # interleaved: both see the same machine state
+        to, tr, tm = [], [], []
+        for _ in range(args.reps):  # interleaved: all three see the same machine state
             to.append(_time(ours))
             tr.append(_time(ref))
+            tm.append(_time(mm))
         mo, mr = statistics.median(to), statistics.median(tr)
+        rate = mm_flops / statistics.median(tm) / 1e9
         gf = flops(*case) / mo / 1e9
         mode, B, H, L, D, causal = case
         name = f"{mode} B={B} H={H} L={L} D={D}{' causal' if causal else ''}"
-        print(f"{name:42s} {mo * 1e3:9.2f} {mr * 1e3:9.2f} {mr / mo:7.2f}x {gf:8.1f} {gf / rate:7.0%}")
+        print(f"{name:42s} {mo * 1e3:9.2f} {mr * 1e3:9.2f} {mr / mo:7.2f}x {gf:8.1f} {rate:10.1f} "
+              f"{gf / rate:7.0%}")
 
 
 if __name__ == "__main__":

@@ -358,7 +358,9 @@ void forward_impl(const Args& a) {
     std::vector<acc_t> qs(BQ * E), kt(E * BK), vb(BK * Evp), sc(BQ * BK), oacc(BQ * Evp);
     std::vector<acc_t> kn(BK * E), rmax(BQ), rsum(BQ);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, qb = t % nqb;
+      // Under causal, later query blocks cost more; zigzag order balances the threads' ranges.
+      const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq;
+      const int64_t qb = a.causal ? (t % nqb % 2 == 0 ? t % nqb / 2 : nqb - 1 - t % nqb / 2) : t % nqb;
       const int64_t kvh = h / group;
       const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0);
       const scalar_t* qbase = q + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
@@ -640,6 +642,11 @@ struct Backward {
     }
   }
 
+  // Causal work grows (query blocks) or shrinks (key blocks) along the sequence, and
+  // at::parallel_for hands each thread a contiguous range of tasks: visiting blocks in the
+  // order 0, n-1, 1, n-2, ... gives every range as much heavy as light work.
+  static int64_t zigzag(int64_t i, int64_t n) { return i % 2 == 0 ? i / 2 : n - 1 - i / 2; }
+
   // Dropping out of a key block: queries before j0 see none of it under causal.
   int64_t first_qb(int64_t j0) const { return a.causal ? j0 / BQ : 0; }
 
@@ -694,7 +701,7 @@ struct Backward {
     at::parallel_for(0, B * Hkv * nkb, 1, [&](int64_t t0, int64_t t1) {
       Scratch sc(*this);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t bk = t / nkb, b = bk / Hkv, kvh = bk % Hkv, j0 = (t % nkb) * BK;
+        const int64_t bk = t / nkb, b = bk / Hkv, kvh = bk % Hkv, j0 = zigzag(t % nkb, nkb) * BK;
         const int64_t n = std::min(BK, S - j0);
         load_keys(b, kvh, j0, n, sc);
         std::fill(sc.dkacc.begin(), sc.dkacc.end(), acc_t(0));
@@ -713,7 +720,7 @@ struct Backward {
       Scratch sc(*this);
       std::vector<acc_t> dqt(E * Lp);  // full width: the products match schedule 1's exactly
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t bh = t / nqb, b = bh / Hq, h = bh % Hq, qb = t % nqb;
+        const int64_t bh = t / nqb, b = bh / Hq, h = bh % Hq, qb = zigzag(t % nqb, nqb);
         const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0), mp = round_up(m, W);
         for (int64_t e = 0; e < E; ++e) std::fill(dqt.data() + e * Lp + i0, dqt.data() + e * Lp + i0 + mp, acc_t(0));
         for (int64_t j0 = 0; j0 < S; j0 += BK) {
@@ -732,7 +739,10 @@ struct Backward {
 template <typename scalar_t>
 void backward_impl(const Args& a) {
   const Backward<scalar_t> bw(a);
-  if (a.B * a.Hkv < at::get_num_threads()) {
+  // Per head, the busiest thread runs ceil(P / T) heads of 5 products; per block, every thread
+  // runs P / T heads' worth of 7. Split only when that finishes sooner.
+  const int64_t P = a.B * a.Hkv, T = at::get_num_threads();
+  if (7 * P < 5 * T * ((P + T - 1) / T)) {
     bw.run_per_block();
   } else {
     bw.run_per_head();
