@@ -168,8 +168,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const auto opts = input.options();
   at::Tensor dx = need_dx ? empty_output({M, K}, opts) : at::empty({0}, opts);
-  at::Tensor dw = need_dw ? at::zeros({N, K}, opts) : at::empty({0}, opts);
-  at::Tensor db = need_db ? at::zeros({N}, opts) : at::empty({0}, opts);
+  // Written by the first block, accumulated by the others (no zero-fill pass; M == 0 is zeros).
+  at::Tensor dw = need_dw ? (M ? at::empty({N, K}, opts) : at::zeros({N, K}, opts)) : at::empty({0}, opts);
+  at::Tensor db = need_db ? (M ? at::empty({N}, opts) : at::zeros({N}, opts)) : at::empty({0}, opts);
   const int64_t block = rows_per_block(M, N, input.element_size());
   at::Tensor scratch = at::empty({std::min(block, M), N}, opts);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_backward", [&] {
@@ -187,8 +188,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
         at::Tensor dx_rows = dx.narrow(0, r0, rows);
         at::mm_out(dx_rows, dz, weight);
       }
-      if (need_dw) dw.addmm_(dz.t(), input.narrow(0, r0, rows));
-      if (need_db) db.add_(dz.sum(0));
+      const at::Tensor x = input.narrow(0, r0, rows);
+      if (need_dw) r0 == 0 ? at::mm_out(dw, dz.t(), x) : dw.addmm_(dz.t(), x);
+      if (need_db) r0 == 0 ? at::sum_out(db, dz, 0) : db.add_(dz.sum(0));
     }
   });
   return {dx, dw, db};
