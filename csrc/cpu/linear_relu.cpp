@@ -9,8 +9,6 @@
 // to memory.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/EmptyTensor.h>
 #include <torch/library.h>
 
@@ -23,7 +21,6 @@
 namespace bigmodel {
 namespace {
 
-using at::vec::Vectorized;
 
 // Rows per block: the output block (and, in backward, the masked-gradient block) should stay in
 // cache between the GEMM that writes it and the pass that reads it.
@@ -75,37 +72,28 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
                                    opts.dtype().toScalarType(), std::nullopt);
 }
 
-// In-place ReLU that keeps NaN (at::vec::maximum propagates NaN; std::max would not).
+// The two elementwise passes are plain loops on purpose: this file is compiled for the baseline
+// ISA, where at::vec falls back to its generic (array-based) Vectorized and ran 7x slower than
+// torch's own threshold_backward (measured 12 ms vs 1.6 ms on 4M elements); GCC vectorises
+// these selects itself at -O3.
+
+// In-place ReLU that keeps NaN: `v < 0` is false for NaN, so NaN stays (std::max would not).
 template <typename scalar_t>
-void relu_inplace(scalar_t* p, int64_t n) {
-  using Vec = Vectorized<scalar_t>;
-  const Vec zero(scalar_t(0));
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    at::vec::maximum(Vec::loadu(p + i), zero).store(p + i);
-  }
-  for (; i < n; ++i) {
+void relu_inplace(scalar_t* __restrict__ p, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
     const scalar_t v = p[i];
-    p[i] = (v > scalar_t(0) || at::_isnan(v)) ? v : scalar_t(0);
+    p[i] = v < scalar_t(0) ? scalar_t(0) : v;
   }
 }
 
 // dz = grad where out > 0 (or out is NaN, as torch's threshold_backward), else 0.
 template <typename scalar_t>
-void masked_grad_rows(const scalar_t* g, const scalar_t* y, scalar_t* dz, int64_t rows, int64_t n) {
-  using Vec = Vectorized<scalar_t>;
-  const Vec zero(scalar_t(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* gr = g + r * n;
-    const scalar_t* yr = y + r * n;
-    scalar_t* dr = dz + r * n;
-    int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec::blendv(Vec::loadu(gr + i), zero, Vec::loadu(yr + i) <= zero).store(dr + i);
-    }
-    for (; i < n; ++i) {
-      dr[i] = yr[i] <= scalar_t(0) ? scalar_t(0) : gr[i];
-    }
+void masked_grad_rows(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
+                      scalar_t* __restrict__ dz, int64_t rows, int64_t n) {
+  const int64_t count = rows * n;
+  for (int64_t i = 0; i < count; ++i) {
+    const scalar_t gv = g[i], yv = y[i];  // both loaded unconditionally: lets GCC vectorise
+    dz[i] = yv <= scalar_t(0) ? scalar_t(0) : gv;
   }
 }
 
