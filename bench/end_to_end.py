@@ -17,24 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bigmodel
+from examples.seed import Classifier as SeedMLP
 from bench.core import Case, Provider, Skip, randn
 from bench.attention import flops as attention_flops
-
-
-class SeedMLP(nn.Module):
-    """The seed's classifier, as the seed writes it."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(784, 512)
-        self.fc2 = nn.Linear(512, 256)
-        self.fc3 = nn.Linear(256, 10)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        x = self.relu(self.fc1(x))
-        x = self.relu(self.fc2(x))
-        return self.fc3(x)
 
 
 class FusedMLP(nn.Module):

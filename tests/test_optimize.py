@@ -9,27 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigmodel
+from examples.seed import Classifier as SeedClassifier
 from bigmodel.nn import FusedLinearReLU, MultiheadAttention
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=3e-5, rtol=3e-4)}
-
-
-class SeedClassifier(nn.Module):
-    """The seed's classifier, as the seed writes it."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(784, 512)
-        self.fc2 = nn.Linear(512, 256)
-        self.fc3 = nn.Linear(256, 10)
-        self.relu = nn.ReLU()
-
-    def forward(self, x):
-        x = x.view(-1, 784)
-        x = self.relu(self.fc1(x))
-        x = self.relu(self.fc2(x))
-        x = self.fc3(x)
-        return x
 
 
 def gan_stacks():
