@@ -10,40 +10,17 @@ of the same computation done by PyTorch in the same dtype.
 
 Each example is a plain dict (a spec) that builds its tensors from a seed; a failing one goes
 into tests/regressions/attention.json, which test_regression_cases replays every run. Hypothesis
-profiles as in test_fuzz_linear_relu.py (``CI`` set: derandomized, no database).
+profiles in tests/fuzzing.py (``CI`` set: derandomized, no database).
 """
-import json
-import os
-import pathlib
-
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import bigmodel
 from bigmodel.reference import ref_attention
+from fuzzing import fuzz_settings, regression_params
 from tolerances import BACKWARD_FACTOR, FLOOR, FORWARD_FACTOR, max_err
-
-_COMMON = dict(deadline=None, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("bigmodel-ci", derandomize=True, database=None, **_COMMON)
-settings.register_profile("bigmodel-dev", **_COMMON)
-settings.register_profile("bigmodel-explore", **{**_COMMON, "max_examples": 2000})
-
-
-def _profile():
-    if os.environ.get("BIGMODEL_FUZZ") == "explore":
-        return "bigmodel-explore"
-    return "bigmodel-ci" if os.environ.get("CI") else "bigmodel-dev"
-
-
-def fuzz_settings(max_examples):
-    """A bounded number of examples (the CI budget) on top of the profile in force."""
-    parent = settings.get_profile(_profile())
-    if _profile() == "bigmodel-explore":
-        return settings(parent)
-    return settings(parent, max_examples=max_examples)
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -248,17 +225,7 @@ def test_fuzz_cuda(spec):
     check(spec)
 
 
-_CASES = json.loads((pathlib.Path(__file__).parent / "regressions" / "attention.json").read_text())
-
-
-def _case(entry):
-    spec = {k: v for k, v in entry.items() if k not in ("id", "why")}
-    bug = known_bug(spec)
-    marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
-    return pytest.param(spec, marks=marks, id=entry["id"])
-
-
-@pytest.mark.parametrize("spec", [_case(c) for c in _CASES["cases"]])
+@pytest.mark.parametrize("spec", regression_params("attention", known_bug))
 def test_regression_cases(spec):
     """Examples kept from past failures (and hand-picked edge cases): replayed every run."""
     check(spec)
