@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script for the H200: build, CUDA tests, memcheck, quick bench; within 9 minutes.
+# The one script for the H200: build, CUDA tests, memcheck and racecheck, quick bench; within 9 minutes.
 #
 #   bench/device_check.sh OUTDIR              on the GPU machine (its own python3, no network)
 #   bench/device_check.sh --dry-run OUTDIR    everything but the GPU parts, on the CPU
@@ -26,8 +26,8 @@ export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=1
 NPROC=$(nproc 2>/dev/null || echo 4)
 
-# Stage budgets (seconds); they add up to 525, under 9 minutes with the checks between them.
-T_BUILD=180 T_TESTS=120 T_MEMCHECK=75 T_BENCH=150
+# Stage budgets (seconds); they add up to 530, under 9 minutes with the checks between them.
+T_BUILD=180 T_TESTS=120 T_MEMCHECK=60 T_RACECHECK=45 T_BENCH=125
 # The dry run checks the script, not the GPU machine's clock: a from-scratch build on 2 shared
 # cores takes far longer than on the H200's 16.
 [ $DRY -eq 1 ] && T_BUILD=900
@@ -105,6 +105,12 @@ else
             --error-exitcode 3 --target-processes all "$PY" -m bench.memcheck_snippet cuda
         M_NOTE=$(grep -E "ERROR SUMMARY" "$MEM_LOG" | tail -1 | sed 's/^=* *//')
         record memcheck "$LAST_STATUS" "$LAST_SECS" "${M_NOTE:-see memcheck.log}"
+        # Shared-memory races in the Triton kernels (same snippet, same log file).
+        run_stage racecheck $T_RACECHECK "$MEM_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" \
+            --tool racecheck --racecheck-report hazard --error-exitcode 3 --target-processes all \
+            "$PY" -m bench.memcheck_snippet cuda
+        R_NOTE=$(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$MEM_LOG" | tail -1 | sed 's/^=* *//')
+        record racecheck "$LAST_STATUS" "$LAST_SECS" "${R_NOTE:-see memcheck.log}"
     fi
 fi
 
