@@ -145,6 +145,21 @@ def _keep(seed, rng_base, rows, cols, S, dropout_p):
 
 
 @triton.jit
+def _query_block_ids(L, H, GROUP, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    # 1-D grid over (b, h, query block): the query blocks of one (b, h) are neighbours (they
+    # share K/V in L2); causal runs the longest rows first so the tail of the launch is short.
+    # Returns the query block and the int64 batch, query head and kv head (GQA) indices.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(L, BLOCK_M)
+    pid_m = pid % num_m
+    if IS_CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    bh = pid // num_m
+    h = bh % H
+    return pid_m, (bh // H).to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+
+
+@triton.jit
 def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base, lo, hi, offs_m, offs_n, offs_d, offs_dv,
                 L, S, E, EV, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                 qk_scale, dropout_p, seed, rng_base,
@@ -188,18 +203,7 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
 ):
-    # 1-D grid: the query blocks of one (b, h) are neighbours (they share K/V in L2); causal
-    # runs the longest rows first so the tail of the launch is short.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(L, BLOCK_M)
-    pid_m = pid % num_m
-    if IS_CAUSAL:
-        pid_m = num_m - 1 - pid_m
-    bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hkv = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
+    pid_m, b, h, hkv = _query_block_ids(L, H, GROUP, BLOCK_M, IS_CAUSAL)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -413,16 +417,7 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(L, BLOCK_M)
-    pid_m = pid % num_m
-    if IS_CAUSAL:
-        pid_m = num_m - 1 - pid_m
-    bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hkv = (h // GROUP).to(tl.int64)
-    h = h.to(tl.int64)
+    pid_m, b, h, hkv = _query_block_ids(L, H, GROUP, BLOCK_M, IS_CAUSAL)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
