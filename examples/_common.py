@@ -96,6 +96,23 @@ def table(headers, rows):
     print("\n".join(lines))
 
 
+def comparison(headers, rows, rates):
+    """Print the variants' table: ``rows`` are [name, metrics..., samples/s], extended with the
+    speed against the first variant (eager)."""
+    base = rates[next(iter(rates))]
+    for r in rows:
+        r.append(f"{r[-1] / base:.2f}x")
+    table(list(headers) + ["train samples/s", "speed vs eager"], rows)
+
+
+def training_panels(curves):
+    """Loss and test-accuracy panels for :func:`plot` from {variant: {"step", "loss", "acc"}}."""
+    return [
+        ("train loss", "step", {n: (h["step"], h["loss"]) for n, h in curves.items()}),
+        ("test accuracy", "step", {n: (h["step"], h["acc"]) for n, h in curves.items()}),
+    ]
+
+
 def plot(path, panels, bars=None):
     """Line panels [(title, xlabel, {label: (xs, ys)})] and an optional bar panel
     (title, {label: value}) side by side; saves a PNG."""

@@ -77,14 +77,9 @@ def main():
         rows.append([name, hist["acc"][-1], hist["loss"][-1], rate])
         curves[name] = hist
         rates[name] = rate
-    base = rates["eager" if "eager" in rates else next(iter(rates))]
-    for r in rows:
-        r.append(f"{r[3] / base:.2f}x")
-    _common.table(["model", "test accuracy", "train loss", "train samples/s", "speed vs eager"], rows)
-    _common.plot(os.path.join(args.out, "classifier.png"), [
-        ("train loss", "step", {n: (h["step"], h["loss"]) for n, h in curves.items()}),
-        ("test accuracy", "step", {n: (h["step"], h["acc"]) for n, h in curves.items()}),
-    ], bars=("train samples/s", rates))
+    _common.comparison(["model", "test accuracy", "train loss"], rows, rates)
+    _common.plot(os.path.join(args.out, "classifier.png"), _common.training_panels(curves),
+                 bars=("train samples/s", rates))
     return rows
 
 

@@ -107,10 +107,7 @@ def main():
             samples[name] = m.generator(z)
         curves[name], rates[name] = hist, rate
         rows.append([name, hist["d"][-1], hist["g"][-1], rate])
-    base = rates[next(iter(rates))]
-    for r in rows:
-        r.append(f"{r[3] / base:.2f}x")
-    _common.table(["model", "D loss", "G loss", "train samples/s", "speed vs eager"], rows)
+    _common.comparison(["model", "D loss", "G loss"], rows, rates)
     save_grid(os.path.join(args.out, "gan_samples.png"), samples)
     _common.plot(os.path.join(args.out, "gan.png"), [
         ("discriminator loss", "step", {n: (h["step"], h["d"]) for n, h in curves.items()}),

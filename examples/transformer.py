@@ -109,14 +109,9 @@ def main():
         hist, rate = train(m, test, steps, args.device, args.seed)
         curves[name], rates[name] = hist, rate
         rows.append([name, hist["acc"][-1], hist["loss"][-1], rate])
-    base = rates[next(iter(rates))]
-    for r in rows:
-        r.append(f"{r[3] / base:.2f}x")
-    _common.table(["model", "test accuracy", "train loss", "train samples/s", "speed vs eager"], rows)
-    _common.plot(os.path.join(args.out, "transformer.png"), [
-        ("train loss", "step", {n: (h["step"], h["loss"]) for n, h in curves.items()}),
-        ("test accuracy", "step", {n: (h["step"], h["acc"]) for n, h in curves.items()}),
-    ], bars=("train samples/s", rates))
+    _common.comparison(["model", "test accuracy", "train loss"], rows, rates)
+    _common.plot(os.path.join(args.out, "transformer.png"), _common.training_panels(curves),
+                 bars=("train samples/s", rates))
     return rows
 
 
