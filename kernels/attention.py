@@ -160,6 +160,21 @@ def _query_block_ids(L, H, GROUP, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr
 
 
 @triton.jit
+def _key_range(start_m, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    # For the query block at start_m: key blocks [0, full_hi) need no per-element mask;
+    # [full_hi, hi) straddle the diagonal or the end of the keys. Causal skips every block
+    # right of hi.
+    s_full = (S // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, S)
+        full_hi = tl.minimum((start_m // BLOCK_N) * BLOCK_N, s_full)
+    else:
+        hi = S
+        full_hi = s_full
+    return full_hi, hi
+
+
+@triton.jit
 def _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base, lo, hi, offs_m, offs_n, offs_d, offs_dv,
                 L, S, E, EV, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                 qk_scale, dropout_p, seed, rng_base,
@@ -221,15 +236,7 @@ def _attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
 
-    # Key blocks [0, full_hi) need no per-element mask; [full_hi, hi) straddle the diagonal or
-    # the end of the keys. Causal skips every block right of hi.
-    s_full = (S // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, S)
-        full_hi = tl.minimum((start_m // BLOCK_N) * BLOCK_N, s_full)
-    else:
-        hi = S
-        full_hi = s_full
+    full_hi, hi = _key_range(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, k_base, v_base, mask_base, 0, full_hi, offs_m, offs_n,
                                 offs_d, offs_dv, L, S, E, EV, stride_kn, stride_kd, stride_vn, stride_vd,
                                 stride_mm, stride_mn, qk_scale, dropout_p, seed, rng_base,
@@ -435,13 +442,7 @@ def _attention_bwd_dq_kernel(
     rng_base = rng_offset + (b * H + h) * L * S
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
-    s_full = (S // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, S)
-        full_hi = tl.minimum((start_m // BLOCK_N) * BLOCK_N, s_full)
-    else:
-        hi = S
-        full_hi = s_full
+    full_hi, hi = _key_range(start_m, S, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, 0, full_hi, offs_m, offs_n, offs_d,
                     offs_dv, L, S, E, EV, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                     qk_scale, dropout_p, seed, rng_base, MASK_KIND, False, False, DROPOUT, PRECISION, BLOCK_N,
