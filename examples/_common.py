@@ -96,6 +96,16 @@ def table(headers, rows):
     print("\n".join(lines))
 
 
+def accuracy(model, x, y, batch=512):
+    """Fraction of ``x`` classified as ``y``, in eval mode and batches (the model is left in train mode)."""
+    model.eval()
+    with torch.no_grad():
+        correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
+                      for i in range(0, len(x), batch))
+    model.train()
+    return correct / len(x)
+
+
 def comparison(headers, rows, rates):
     """Print the variants' table: ``rows`` are [name, metrics..., samples/s], extended with the
     speed against the first variant (eager)."""

@@ -20,15 +20,6 @@ from examples import _common  # noqa: E402
 from examples.seed import Classifier  # noqa: E402  (the model this example trains)
 
 
-def accuracy(model, x, y, batch=512):
-    model.eval()
-    with torch.no_grad():
-        correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
-                      for i in range(0, len(x), batch))
-    model.train()
-    return correct / len(x)
-
-
 def train(model, data, steps, device, seed, batch=64):
     xtr, ytr, xte, yte = data
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -57,7 +48,7 @@ def train(model, data, steps, device, seed, batch=64):
             if step % per_epoch == 0 or step == steps:
                 hist["step"].append(step)
                 hist["loss"].append(sum(running) / len(running))
-                hist["acc"].append(accuracy(model, xte, yte))
+                hist["acc"].append(_common.accuracy(model, xte, yte))
                 running = []
             if step == steps:
                 break

@@ -58,15 +58,6 @@ class SeqClassifier(nn.Module):
         return self.head((x * keep).sum(1) / keep.sum(1))
 
 
-def accuracy(model, x, y, batch=512):
-    model.eval()
-    with torch.no_grad():
-        correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
-                      for i in range(0, len(x), batch))
-    model.train()
-    return correct / len(x)
-
-
 def train(model, test, steps, device, seed, batch=64):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
@@ -91,7 +82,7 @@ def train(model, test, steps, device, seed, batch=64):
         if (step + 1) % every == 0 or step == steps - 1:
             hist["step"].append(step + 1)
             hist["loss"].append(sum(running) / len(running))
-            hist["acc"].append(accuracy(model, *test))
+            hist["acc"].append(_common.accuracy(model, *test))
             running = []
     return hist, clock.rate
 
