@@ -25,7 +25,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # Fresh random inputs every run, but a failure prints the seed to reproduce it.
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = int(os.environ.get("BIGMODEL_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    # A failure names the seed it ran with: rerun with BIGMODEL_TEST_SEED=<seed> to reproduce.
+    report = yield
+    if report.failed:
+        seed = dict(item.user_properties).get("seed")
+        if seed is not None:
+            report.sections.append(("bigmodel seed", f"BIGMODEL_TEST_SEED={seed}"))
+    return report

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import bigmodel
 from bigmodel.reference import ref_linear_relu
 from fuzzing import fuzz_settings, regression_params
+from relu_grads import relu_grads_through_output
 from tolerances import assert_close_gemm
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -135,10 +136,9 @@ def check(spec):
     assert_close_gemm(y, ref_linear_relu(x64, w64, b64), dtype, k, f"forward {spec}")
     if not leaves:
         return
-    # The ReLU mask is the one our forward produced: a pre-activation within rounding of 0 may
-    # land on either side, and the backward must follow the output it is given (as torch's does).
-    gz = (grad.double() * (y.detach().double() > 0)).reshape(-1, n)
-    ref = {"x": (gz @ w64).reshape(x.shape), "w": gz.t() @ x64.reshape(-1, k), "b": gz.sum(0)}
+    # The reference gradients take the ReLU mask from our output (see relu_grads).
+    gx, gw, gb = relu_grads_through_output(y, grad, x, w, b)
+    ref = {"x": gx, "w": gw, "b": gb}
     names = [nm for nm, t, need in zip("xwb", (x, w, b), want) if t is not None and need]
     for nm, g in zip(names, grads):
         reduce_len = n if nm == "x" else m
