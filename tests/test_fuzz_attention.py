@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import bigmodel
 from bigmodel.reference import ref_attention
 from fuzzing import fuzz_settings, regression_params
-from tolerances import BACKWARD_FACTOR, FLOOR, FORWARD_FACTOR, max_err
+from tolerances import BACKWARD_FACTOR, FORWARD_FACTOR, assert_flash_rule, magnitude
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -166,29 +166,16 @@ def check(spec):
     mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
     ref, ref_g = _with_grads(ref_attention, [t.double() for t in (q, k, v)], mask64, causal, spec, grad.double())
     same, same_g = _with_grads(ref_attention, (q, k, v), mask, causal, spec, grad)
-    flash_rule(ours, same, ref, dtype, FORWARD_FACTOR, _magnitude(ref), f"forward {spec}")
+    assert_flash_rule(ours, same, ref, dtype, FORWARD_FACTOR, f"forward {spec}")
     if ours_g is None:
         return
     # Gradients that are exactly 0 in theory (S = 1: dK = 0) come out of torch's softmax backward
     # as exact zeros but of FlashAttention's delta = rowsum(dO * O) as rounding noise: the floor
     # scales with the largest gradient of the pass and the length of the sums.
-    scale = max(_magnitude(r) for r in ref_g) * max(spec["L"], spec["S"]) ** 0.5
+    scale = max(magnitude(r) for r in ref_g) * max(spec["L"], spec["S"]) ** 0.5
     for name, g, r, s in zip(("grad_query", "grad_key", "grad_value"), ours_g, ref_g, same_g):
         assert g.shape == r.shape
-        flash_rule(g, s, r, dtype, BACKWARD_FACTOR, scale, f"{name} {spec}")
-
-
-def _magnitude(t):
-    finite = t[torch.isfinite(t)]
-    return max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
-
-
-def flash_rule(ours, same, ref, dtype, factor, scale, what):
-    """tests/tolerances.py's FlashAttention rule with its floor scaled by ``scale`` (the size of
-    the values involved): error vs float64 <= factor x torch's same-dtype error + FLOOR x scale."""
-    ours_err, torch_err = max_err(ours, ref), max_err(same, ref)
-    bound = factor * torch_err + FLOOR[dtype] * scale
-    assert ours_err <= bound, f"{what}: error {ours_err:.3g} > {factor} x torch's {torch_err:.3g} + {FLOOR[dtype]:g} x {scale:.3g}"
+        assert_flash_rule(g, s, r, dtype, BACKWARD_FACTOR, f"{name} {spec}", scale)
 
 
 def known_bug(spec):

@@ -29,7 +29,7 @@ import bigmodel
 from bigmodel import backend as bm_backend
 from bigmodel.ops import _registry
 from bigmodel.reference import ref_attention, ref_linear_relu
-from tolerances import BACKWARD_FACTOR, FLOOR, FORWARD_FACTOR, assert_close_gemm, max_err
+from tolerances import BACKWARD_FACTOR, FORWARD_FACTOR, assert_close_gemm, assert_flash_rule, magnitude, max_err
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 needs_ops = pytest.mark.skipif(not _registry.has_ops(), reason="bigmodel._C is not built")
@@ -418,9 +418,9 @@ def test_attention_fully_masked_rows_give_zero_output_and_gradient(backend, dtyp
     m64 = mask if kind == "bool" else mask.double()
     ref, ref_g = _grads(lambda q, k, v: ref_attention(q, k, v, m64), [t.double() for t in (q, k, v)], grad.double())
     same, same_g = _grads(lambda q, k, v: ref_attention(q, k, v, mask), (q, k, v), grad)
-    _flash(out, same, ref, dtype, FORWARD_FACTOR, "out")
+    assert_flash_rule(out, same, ref, dtype, FORWARD_FACTOR, "out")
     for name, g, r, s in zip("qkv", (dq, dk, dv), ref_g, same_g):
-        _flash(g, s, r, dtype, BACKWARD_FACTOR, f"d{name}", scale=math.sqrt(L) * max(1.0, r.abs().max().item()))
+        assert_flash_rule(g, s, r, dtype, BACKWARD_FACTOR, f"d{name}", scale=math.sqrt(L) * magnitude(r))
 
 
 @pytest.mark.parametrize("backend,dtype", PATHS, ids=str)
@@ -437,7 +437,7 @@ def test_attention_huge_finite_mask_is_not_treated_as_hidden(backend, dtype):
     out = _sdpa(backend, q, k, v, attn_mask=mask)
     ref = ref_attention(q.double(), k.double(), v.double(), mask.double())
     assert out[..., 3, :].abs().sum() > 0
-    _flash(out, ref_attention(q, k, v, mask), ref, dtype, FORWARD_FACTOR, "out")
+    assert_flash_rule(out, ref_attention(q, k, v, mask), ref, dtype, FORWARD_FACTOR, "out")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
@@ -454,13 +454,6 @@ def test_linear_relu_infinities_match_the_reference(backend, dtype):
     assert y[4, 9].isnan()
 
 
-def _flash(ours, same, ref, dtype, factor, what, scale=1.0):
-    """The FlashAttention rule, with tolerances.FLOOR scaled by the size of the values."""
-    floor = FLOOR[dtype] * scale
-    bound = factor * max_err(same, ref) + floor
-    assert max_err(ours, ref) <= bound, f"{what} ({dtype}): error {max_err(ours, ref):.3g} > {bound:.3g}"
-
-
 @pytest.mark.parametrize("backend,dtype", [p for p in PATHS if p[1] != torch.float16], ids=str)
 def test_attention_inputs_scaled_to_1e3_stay_finite_and_accurate(backend, dtype):
     """Scores of order 1e6: the softmax is nearly one-hot and exp must not overflow anywhere
@@ -471,7 +464,7 @@ def test_attention_inputs_scaled_to_1e3_stay_finite_and_accurate(backend, dtype)
     assert torch.isfinite(out).all()
     ref = ref_attention(q.double(), k.double(), v.double(), is_causal=True)
     same = ref_attention(q, k, v, is_causal=True)
-    _flash(out, same, ref, dtype, FORWARD_FACTOR, "out", scale=1e3)
+    assert_flash_rule(out, same, ref, dtype, FORWARD_FACTOR, "out", scale=1e3)
 
 
 @pytest.mark.parametrize("backend,dtype", PATHS, ids=str)
@@ -521,7 +514,7 @@ def test_fp16_attention_does_not_overflow_where_torch_does_not(backend):
     out = _sdpa(backend, q, k, v)
     assert torch.isfinite(out).all()
     ref = ref_attention(q.double(), k.double(), v.double())
-    _flash(out, theirs, ref, dtype, FORWARD_FACTOR, "out", scale=4.0)
+    assert_flash_rule(out, theirs, ref, dtype, FORWARD_FACTOR, "out", scale=4.0)
 
 
 # =============================================================================================
@@ -849,7 +842,7 @@ def test_cuda_attention_tensor_past_2_31_elements():
     tail = slice(B - 2, B)
     ref = ref_attention(q[tail].detach().double(), k.detach().double(), v.detach().double())
     same = ref_attention(q[tail].detach(), k.detach(), v.detach())
-    _flash(out[tail], same, ref, torch.float16, FORWARD_FACTOR, "last batch entries")
+    assert_flash_rule(out[tail], same, ref, torch.float16, FORWARD_FACTOR, "last batch entries")
     grad = torch.zeros_like(out)
     grad[tail] = torch.randn(2, H, L, E, device="cuda").half()
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
@@ -858,7 +851,7 @@ def test_cuda_attention_tensor_past_2_31_elements():
                      grad[tail].double())
     _, same_g = _grads(lambda q, k, v: ref_attention(q, k, v), [t.detach() for t in (q[tail], k, v)], grad[tail])
     for name, g, r, s in zip(("dq", "dk", "dv"), (dq[tail], dk, dv), want, same_g):
-        _flash(g, s, r, torch.float16, BACKWARD_FACTOR, name, scale=max(1.0, r.abs().max().item()) * 5)
+        assert_flash_rule(g, s, r, torch.float16, BACKWARD_FACTOR, name, scale=magnitude(r) * 5)
 
 
 @pytest.mark.cuda
