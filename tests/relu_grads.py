@@ -6,7 +6,6 @@ puts it on the other; one such element moves a whole grad_input row by grad * W[
 right, and the backward must follow the output it was given (as torch's does), so the reference
 takes its mask from that output. The forward is checked against float64 separately, so the mask
 can only differ where |pre-activation| is within the forward's tolerance of 0."""
-import torch
 
 
 def relu_grads_through_output(y, grad, x, w, b=None):

@@ -311,8 +311,14 @@ def _dist_worker(rank, tmp, mode):
             grads[n.removeprefix("module.")] = g
         if rank == 0:
             torch.save(grads, f"{tmp}/grads.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's finalization: there torch's gloo teardown sometimes aborts
+    # the process ("terminate called without an active exception", about 1 run in 12 here; no
+    # thread of bigmodel's is involved), which spawn reports as a failed test after all the
+    # work above succeeded. A failure above still raises and is reported as usual.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
