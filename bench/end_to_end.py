@@ -7,7 +7,8 @@
 Providers: torch-eager (the model as written), torch-compile (the same model compiled,
 default mode), bigmodel-fused (the model written with bigmodel.nn modules, where that is a
 plain swap) and bigmodel-optimize (bigmodel.optimize of the model as written). Every
-provider starts from the same weights. FLOPs count the GEMMs (and attention) of the step:
+provider starts from the same weights. Beside them, not a contender, bound-no-relu (MLP and
+GAN): the model with its ReLUs removed, the most a fusion that keeps the GEMMs could win. FLOPs count the GEMMs (and attention) of the step:
 forward once, backward twice the forward, minus the input gradients nobody asks for.
 """
 import copy
@@ -121,7 +122,22 @@ def _compiled(make):
     return build
 
 
-def _providers(make_eager, make_fused, step, dtype, device, quick):
+def _without_relu(make):
+    """The model with every nn.ReLU replaced by nn.Identity: the same GEMMs and everything else,
+    no activation at all. Not a contender (its function differs): it is the ceiling of any
+    Linear+ReLU fusion that keeps the GEMMs, the floor a fused step is held against."""
+    def build():
+        model = make()
+        for parent in list(model.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.ReLU):
+                    setattr(parent, name, nn.Identity())
+        return model
+
+    return build
+
+
+def _providers(make_eager, make_fused, step, dtype, device, quick, bound=False):
     torch.manual_seed(0)
     reference = make_eager()
 
@@ -134,6 +150,8 @@ def _providers(make_eager, make_fused, step, dtype, device, quick):
         out.append(_train_provider("bigmodel-fused", lambda: _load_same(make_fused(), reference),
                                    step, dtype, device))
     out.append(_train_provider("bigmodel-optimize", _optimized(eager), step, dtype, device))
+    if bound:
+        out.append(_train_provider("bound-no-relu", _without_relu(eager), step, dtype, device))
     return out
 
 
@@ -160,7 +178,7 @@ def mlp_case(device, dtype, quick, batch=1024):
                 torch.randint(0, 10, (batch,), generator=gen, device=device)]
 
     return Case("mlp_step", "fwd+bwd", dtype, {"B": batch, "layers": "784-512-256-10"}, device,
-                total, 0.0, inputs, _providers(SeedMLP, FusedMLP, _mlp_step, dtype, device, quick),
+                total, 0.0, inputs, _providers(SeedMLP, FusedMLP, _mlp_step, dtype, device, quick, bound=True),
                 family="e2e", input_bytes=batch * 784 * 4)
 
 
@@ -227,7 +245,7 @@ def gan_case(device, dtype, quick):
 
     shape = {"B": batch, "G": "100-256-512-1024-784", "D": "784-512-256-1"}
     return Case("gan_step", "fwd+bwd", dtype, shape, device, total, 0.0, inputs,
-                _providers(GAN, lambda: GAN(fused=True), _gan_step, dtype, device, quick),
+                _providers(GAN, lambda: GAN(fused=True), _gan_step, dtype, device, quick, bound=True),
                 family="e2e", input_bytes=batch * 884 * 4)
 
 

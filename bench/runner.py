@@ -11,7 +11,7 @@ import traceback
 import torch
 
 from bench.core import Skip
-from bench.memory import peak_mb, pin_malloc
+from bench.memory import peak_mb
 from bench.timing import make_timer, quantiles
 
 COLUMNS = ["op", "mode", "provider", "dtype", "shape", "device", "ms_p50", "ms_p20", "ms_p80",
@@ -74,8 +74,6 @@ class Runner:
         self.verbose = verbose
         self.skipped = []  # (case, provider, reason)
         self.mismatches = []  # (case, provider, relative error)
-        if device.type == "cpu":
-            pin_malloc()
 
     def _n_sets(self, case):
         fit = int(self.budget.input_set_bytes // max(case.input_bytes, 1))
