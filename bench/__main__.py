@@ -213,7 +213,7 @@ def main(argv=None):
               + "; warm-up (and compilation, autotuning) excluded; input sets rotated",
               "- peak MB: memory the call allocates beyond its live inputs, at its peak ("
               + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                 "process RSS high-water mark, large allocations pinned to mmap") + ")"]
+                 "process RSS high-water mark after handing the free heap back, malloc_trim") + ")"]
 
     if args.report_only:
         rows = report.read_csv(csv_path)
