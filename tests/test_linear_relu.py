@@ -297,3 +297,23 @@ def test_cuda_nan_rows_and_empty():
     y = bigmodel.linear_relu(x, w)
     assert torch.isnan(y[17]).all() and not torch.isnan(y[:17]).any() and not torch.isnan(y[18:]).any()
     assert bigmodel.linear_relu(x[:0], w).shape == (0, 200)
+
+
+def test_fp32_without_onednn_uses_the_blocked_mkl_path(tmp_path):
+    """fp32 goes to oneDNN when torch has it; BIGMODEL_NO_ONEDNN=1 forces the blocked BLAS path
+    (the one fp64 and outputs of 32 MB and more take), checked here for fp32 too."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "import torch, test_linear_relu as T\n"
+        "for m, k, n in [(113, 64, 33), (1023, 130, 71)]:\n"
+        "    for bias in (True, False):\n"
+        "        T._check('cpp', torch.float32, *T._inputs(m, k, n, torch.float32, bias), k)\n"
+    )
+    env = dict(os.environ, BIGMODEL_NO_ONEDNN="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
