@@ -69,14 +69,19 @@ def parse_shape(shape):
     return out
 
 
+def _or_zero(v):
+    return 0.0 if math.isnan(v) else v
+
+
 def ceilings(rows):
     """dtype -> (matmul TFLOP/s, copy GB/s) from the ceiling rows."""
     out = defaultdict(lambda: [math.nan, math.nan])
     for r in rows:
+        # The best provider of each ceiling (NaN-safe: a NaN never wins max()).
         if r["op"] == "ceiling_matmul":
-            out[r["dtype"]][0] = _f(r["tflops"])
+            out[r["dtype"]][0] = max(_f(r["tflops"]), out[r["dtype"]][0], key=_or_zero)
         elif r["op"] == "ceiling_copy":
-            out[r["dtype"]][1] = _f(r["gbps"])
+            out[r["dtype"]][1] = max(_f(r["gbps"]), out[r["dtype"]][1], key=_or_zero)
     return out
 
 
