@@ -115,6 +115,20 @@ def comparison(headers, rows, rates):
     table(list(headers) + ["train samples/s", "speed vs eager"], rows)
 
 
+def compare_training(model, args, train, png_name):
+    """Train every variant of ``model`` (see :func:`variants`) with ``train(m) -> (history,
+    samples/s)``, print the accuracy/loss/speed table and write the loss/accuracy/speed plot to
+    args.out/png_name. Returns the table's rows."""
+    rows, curves, rates = [], {}, {}
+    for name, m in variants(model, args):
+        hist, rate = train(m)
+        curves[name], rates[name] = hist, rate
+        rows.append([name, hist["acc"][-1], hist["loss"][-1], rate])
+    comparison(["model", "test accuracy", "train loss"], rows, rates)
+    plot(os.path.join(args.out, png_name), training_panels(curves), bars=("train samples/s", rates))
+    return rows
+
+
 def training_panels(curves):
     """Loss and test-accuracy panels for :func:`plot` from {variant: {"step", "loss", "acc"}}."""
     return [

@@ -62,16 +62,8 @@ def main():
     data = _common.digits(args.device, seed=args.seed)
     print(f"digits: {len(data[0])} train / {len(data[2])} test images, 28x28; device {args.device}; {steps} steps")
     model = Classifier().to(args.device)
-    rows, curves, rates = [], {}, {}
-    for name, m in _common.variants(model, args):
-        hist, rate = train(m, data, steps, args.device, args.seed)
-        rows.append([name, hist["acc"][-1], hist["loss"][-1], rate])
-        curves[name] = hist
-        rates[name] = rate
-    _common.comparison(["model", "test accuracy", "train loss"], rows, rates)
-    _common.plot(os.path.join(args.out, "classifier.png"), _common.training_panels(curves),
-                 bars=("train samples/s", rates))
-    return rows
+    return _common.compare_training(
+        model, args, lambda m: train(m, data, steps, args.device, args.seed), "classifier.png")
 
 
 if __name__ == "__main__":

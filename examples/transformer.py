@@ -95,15 +95,8 @@ def main():
     print(f"most-frequent-token task: vocab {VOCAB}, lengths {MIN_LEN}..{MAX_LEN}; device {args.device}; "
           f"{steps} steps")
     model = SeqClassifier().to(args.device)
-    rows, curves, rates = [], {}, {}
-    for name, m in _common.variants(model, args):
-        hist, rate = train(m, test, steps, args.device, args.seed)
-        curves[name], rates[name] = hist, rate
-        rows.append([name, hist["acc"][-1], hist["loss"][-1], rate])
-    _common.comparison(["model", "test accuracy", "train loss"], rows, rates)
-    _common.plot(os.path.join(args.out, "transformer.png"), _common.training_panels(curves),
-                 bars=("train samples/s", rates))
-    return rows
+    return _common.compare_training(
+        model, args, lambda m: train(m, test, steps, args.device, args.seed), "transformer.png")
 
 
 if __name__ == "__main__":
