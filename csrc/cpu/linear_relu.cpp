@@ -53,13 +53,14 @@ using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::opt
                             std::optional<c10::string_view>);
 
 const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
-  static const c10::TypedOperatorHandle<LinearFn>* handle = []() -> const c10::TypedOperatorHandle<LinearFn>* {
-    if (!at::hasMKLDNN() || std::getenv("BIGMODEL_NO_ONEDNN") != nullptr) return nullptr;
+  static const std::optional<c10::TypedOperatorHandle<LinearFn>> handle =
+      []() -> std::optional<c10::TypedOperatorHandle<LinearFn>> {
+    if (!at::hasMKLDNN() || std::getenv("BIGMODEL_NO_ONEDNN") != nullptr) return std::nullopt;
     auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-    if (!op.has_value()) return nullptr;
-    return new c10::TypedOperatorHandle<LinearFn>(op->typed<LinearFn>());
+    if (!op.has_value()) return std::nullopt;
+    return op->typed<LinearFn>();
   }();
-  return handle;
+  return handle.has_value() ? &*handle : nullptr;
 }
 
 bool use_onednn(const at::Tensor& input) {
@@ -139,6 +140,16 @@ void masked_grad_rows(const scalar_t* __restrict__ g, const scalar_t* __restrict
   }
 }
 
+// masked_grad_rows over `rows` rows of width n, split across the threads.
+template <typename scalar_t>
+void masked_grad_parallel(const scalar_t* g, const scalar_t* y, scalar_t* dz, int64_t rows,
+                          int64_t n) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)),
+                   [&](int64_t a, int64_t b) {
+                     masked_grad_rows(g + a * n, y + a * n, dz + a * n, b - a, n);
+                   });
+}
+
 void check_inputs(const at::Tensor& input, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(input.dim() == 2, "bigmodel::linear_relu: input must be 2-D (M, K), got shape ",
@@ -171,7 +182,7 @@ at::Tensor linear_relu_forward(const at::Tensor& input_, const at::Tensor& weigh
   // Outputs of 32 MB and more stay on the blocked path: there the page faults of a fresh
   // output cost more than the GEMM, and that path writes into huge pages (65536x128->128:
   // 12.6 ms blocked MKL vs 15-16 ms oneDNN into its own 4 KB-page output).
-  if (use_onednn(input) && K > 0 && M * N * 4 < kHugePageOutputBytes) {
+  if (use_onednn(input) && K > 0 && M * N * input.element_size() < kHugePageOutputBytes) {
     at::Tensor out = onednn_mm_bt(input, weight, bias);
     float* p = out.data_ptr<float>();
     parallel_elements(M * N, [&](int64_t a, int64_t b) { relu_inplace(p + a, b - a); });
@@ -213,16 +224,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   // As in the forward, tensors of 32 MB and more stay on the blocked path: fresh full-size dZ
   // and dX would cost their page faults (65536x128->128 bwd: 1.57x eager blocked, 1.05x here).
   if (use_onednn(input) && M > 0 && N > 0 && K > 0 &&
-      M * std::max(N, K) * 4 < kHugePageOutputBytes) {
+      M * std::max(N, K) * input.element_size() < kHugePageOutputBytes) {
     // Whole-tensor GEMMs (oneDNN has no accumulate-into-output here): dZ once, as eager has it.
     at::Tensor dz = at::empty({M, N}, opts);
-    const float* g = grad.data_ptr<float>();
-    const float* y = out.data_ptr<float>();
-    float* d = dz.data_ptr<float>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
-                     [&](int64_t a, int64_t b) {
-                       masked_grad_rows(g + a * N, y + a * N, d + a * N, b - a, N);
-                     });
+    masked_grad_parallel(grad.data_ptr<float>(), out.data_ptr<float>(), dz.data_ptr<float>(), M, N);
     if (need_dx) dx = onednn_mm_bt(dz, weight.t());
     if (need_dw) {
       if (M <= kOnednnGradWeightMaxRows) {
@@ -241,13 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     for (int64_t r0 = 0; r0 < M; r0 += block) {
       const int64_t rows = std::min(block, M - r0);
       at::Tensor dz = scratch.narrow(0, 0, rows);
-      const scalar_t* g = grad.data_ptr<scalar_t>() + r0 * N;
-      const scalar_t* y = out.data_ptr<scalar_t>() + r0 * N;
-      scalar_t* d = dz.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)),
-                       [&](int64_t a, int64_t b) {
-                         masked_grad_rows(g + a * N, y + a * N, d + a * N, b - a, N);
-                       });
+      masked_grad_parallel(grad.data_ptr<scalar_t>() + r0 * N, out.data_ptr<scalar_t>() + r0 * N,
+                           dz.data_ptr<scalar_t>(), rows, N);
       if (need_dx) {
         at::Tensor dx_rows = dx.narrow(0, r0, rows);
         at::mm_out(dx_rows, dz, weight);
