@@ -250,15 +250,13 @@ def main(argv=None):
     run_all(cases, runner, time_limit=limit or None, progress=not args.no_progress, on_case=on_case)
     # The ceilings once more at the end: on a machine shared with other jobs the limit is what
     # it reached at its best during the run, so each ceiling keeps the faster of its two rows.
-    again = [c for c in build_cases(args, device, ops, modes, dtypes) if c.op.startswith("ceiling")]
-    if any(c.op.startswith("ceiling") for c in cases):
-        for case in again:
-            for row in runner.run(case):
-                # One row per ceiling provider (torch-mm and, on CPU fp32, onednn-mm).
-                ident = lambda r: (r["op"], r["provider"], r["dtype"], r["shape"])  # noqa: E731
-                same = [r for r in fresh if ident(r) == ident(row)]
-                if same and float(row["ms_p20"]) < float(same[0]["ms_p20"]):
-                    fresh[fresh.index(same[0])] = row
+    # One row per ceiling provider (torch-mm and, on CPU fp32, onednn-mm).
+    ident = lambda r: (r["op"], r["provider"], r["dtype"], r["shape"])  # noqa: E731
+    for case in [c for c in cases if c.op.startswith("ceiling")]:
+        for row in runner.run(case):
+            same = [r for r in fresh if ident(r) == ident(row)]
+            if same and float(row["ms_p20"]) < float(same[0]["ms_p20"]):
+                fresh[fresh.index(same[0])] = row
     rows = report.merge(old, fresh)
     report.write_csv(csv_path, rows)
     paths = _write_reports(rows, out_dir, md_path, name, header, runner.skipped, runner.mismatches)

@@ -8,8 +8,9 @@ Providers: torch-eager (the model as written), torch-compile (the same model com
 default mode), bigmodel-fused (the model written with bigmodel.nn modules, where that is a
 plain swap) and bigmodel-optimize (bigmodel.optimize of the model as written). Every
 provider starts from the same weights. Beside them, not a contender, bound-no-relu (MLP and
-GAN): the model with its ReLUs removed, the most a fusion that keeps the GEMMs could win. FLOPs count the GEMMs (and attention) of the step:
-forward once, backward twice the forward, minus the input gradients nobody asks for.
+GAN): the model with its ReLUs removed, the most a fusion that keeps the GEMMs could win.
+FLOPs count the GEMMs (and attention) of the step: forward once, backward twice the forward,
+minus the input gradients nobody asks for.
 """
 import copy
 
