@@ -5,7 +5,8 @@ reports every row as a percentage of them.
 """
 import torch
 
-from bench.core import Case, Provider, randn
+from bench import cpu_level
+from bench.core import Case, Provider, randn, skipped_provider
 
 
 def _matmul_case(device, dtype, n):
@@ -26,10 +27,27 @@ def _matmul_case(device, dtype, n):
         fn()
         return fn
 
+    def setup_convert(inp, seed):
+        a, b, _ = inp
+        bt = b.t()
+        fn = lambda: torch.mm(a.float(), bt.float().t()).to(dtype)  # noqa: E731
+        fn()
+        return fn
+
     providers = [Provider("torch-mm", setup)]
+    cpu16 = device.type == "cpu" and dtype == torch.bfloat16
+    if cpu16 and not cpu_level.native_bf16():
+        # Without bf16 arithmetic torch.mm in bf16 is ATen's scalar loop (under 1 GFLOP/s; one
+        # 2048^3 call takes half a minute): what bf16 can reach here is fp32 GEMM speed after
+        # converting, so that is the ceiling.
+        providers = [skipped_provider("torch-mm", "bf16 not native on this CPU/level: torch.mm runs "
+                                      "a scalar loop (not timed)"), Provider("convert-mm", setup_convert)]
     # On CPU torch.mm is MKL, whose sgemm runs AVX2 code on AMD parts: oneDNN's JIT GEMM (what
     # bigmodel's fp32 engine calls) reaches 2.1x it there, so the ceiling is the faster of the two.
-    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
+    # In bf16 oneDNN is the path wherever it supports bf16 (it converts on AVX-512 without it).
+    onednn = torch.backends.mkldnn.is_available() and (
+        dtype == torch.float32 or (cpu16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    if device.type == "cpu" and onednn:
         providers.append(Provider("onednn-mm", setup_onednn))
     elt = torch.finfo(dtype).bits // 8
     return Case("ceiling_matmul", "fwd", dtype, {"M": n, "K": n, "N": n}, device,

@@ -68,6 +68,14 @@ class Case:
         return f"{self.op} {self.mode} {self.dtype_name} {self.shape_str}"
 
 
+def skipped_provider(name, reason):
+    """A provider that does not run here: every case reports it as skipped, with ``reason``."""
+    def setup(inputs, seed):
+        raise Skip(reason)
+
+    return Provider(name, setup)
+
+
 def timed_call(forward, inputs, mode, context=contextlib.nullcontext, seed=0):
     """The call to time for ``forward(*inputs)`` in ``mode``.
 

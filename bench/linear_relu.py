@@ -1,16 +1,22 @@
-"""linear_relu cases: y = relu(x W^T + b) with x (M, K), W (N, K), b (N,).
+"""The linear + activation family: y = act(x W^T + b) with x (M, K), W (N, K), b (N,).
 
-FLOPs: 2*M*N*K forward (the bias and ReLU are M*N each, not counted), backward 2x that
+One row of ``OPS`` per fused op (today linear_relu): the CSV's op name, bigmodel's function,
+the same in plain torch (torch-eager, and what torch.compile is given) and torch's own fused
+form where it has one. Adding an activation's rows is one entry there (and its shapes, if
+they differ, in ``shapes``); every entry gets the same sweep, providers and bounds.
+
+FLOPs: 2*M*N*K forward (the bias and activation are M*N each, not counted), backward 2x that
 (dX and dW). Minimum bytes: forward reads x, W, b and writes y; backward reads dY, y (the
 mask), x, W and writes dX, dW, db.
 """
+import dataclasses
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 
 import bigmodel
 from bench.core import Case, Provider, Skip, bigmodel_backends, compile_modes, op_provider, randn
-
-OP = "linear_relu"
 
 
 def flops(M, K, N, mode):
@@ -33,6 +39,29 @@ def _addmm_act(x, w, b):
     return torch._addmm_activation(b, x, w.t())
 
 
+def _cublaslt():
+    try:
+        from bigmodel.ops.linear_relu_cublaslt import linear_relu_cublaslt
+    except ImportError as err:
+        raise Skip(f"no cuBLASLt path ({err})") from None
+    return linear_relu_cublaslt
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAct:
+    """One fused linear + activation op as the bench measures it (all take (x, w, b))."""
+
+    op: str  # the CSV's op name
+    bigmodel: Callable  # bigmodel's public function, run under each backend
+    eager: Callable  # the same in plain torch: torch-eager, and torch.compile's input
+    torch_fused: Optional[Callable] = None  # torch's own fused form (torch-addmm_act; fwd only)
+    cublaslt: Optional[Callable] = None  # () -> bigmodel's cuBLASLt path, before it is a backend
+
+
+OPS = {"linear_relu": LinearAct("linear_relu", bigmodel.linear_relu, _eager, _addmm_act, _cublaslt)}
+OP = "linear_relu"
+
+
 def _bound_addmm(inputs, seed):
     """Not a contender: the GEMM with its bias into a preallocated output and no ReLU, the time
     a fused kernel is measured against ("bias and ReLU for free")."""
@@ -47,41 +76,34 @@ def _bound_addmm(inputs, seed):
     return run
 
 
-def _cublaslt():
-    try:
-        from bigmodel.ops.linear_relu_cublaslt import linear_relu_cublaslt
-    except ImportError as err:
-        raise Skip(f"no cuBLASLt path ({err})") from None
-    return linear_relu_cublaslt
-
-
-def _providers(device, mode, quick):
+def _providers(spec, device, mode, quick):
     out = []
     for name in bigmodel_backends(device):
         ctx = lambda name=name: bigmodel.use_backend(name)  # noqa: E731
-        out.append(op_provider(f"bigmodel-{name}", bigmodel.linear_relu, mode, ctx))
-    if device.type == "cuda" and "cublaslt" not in bigmodel_backends(device):
+        out.append(op_provider(f"bigmodel-{name}", spec.bigmodel, mode, ctx))
+    if spec.cublaslt is not None and device.type == "cuda" and "cublaslt" not in bigmodel_backends(device):
         # The cuBLASLt path, measured beside Triton even before it is a named backend.
         out.append(Provider("bigmodel-cublaslt", lambda inputs, seed: op_provider(
-            "bigmodel-cublaslt", _cublaslt(), mode).setup(inputs, seed)))
-    out.append(op_provider("torch-eager", _eager, mode))
-    if mode == "fwd":  # it has no autograd formula
-        out.append(op_provider("torch-addmm_act", _addmm_act, mode))
+            "bigmodel-cublaslt", spec.cublaslt(), mode).setup(inputs, seed)))
+    out.append(op_provider("torch-eager", spec.eager, mode))
+    if mode == "fwd":  # no autograd formula for torch's fused form; the bound is a forward
+        if spec.torch_fused is not None:
+            out.append(op_provider("torch-addmm_act", spec.torch_fused, mode))
         out.append(Provider("bound-addmm", _bound_addmm))
     for name, cmode in compile_modes(device, quick):
-        out.append(_compiled(name, cmode, mode))
+        out.append(_compiled(name, cmode, spec.eager, mode))
     return out
 
 
-def _compiled(name, cmode, mode):
+def _compiled(name, cmode, eager, mode):
     def setup(inputs, seed):
-        fn = torch.compile(_eager, mode=cmode, dynamic=False)
+        fn = torch.compile(eager, mode=cmode, dynamic=False)
         return op_provider(name, fn, mode).setup(inputs, seed)
 
     return Provider(name, setup)
 
 
-def case(M, K, N, mode, dtype, device, quick=False, family="", x_key=None):
+def case(M, K, N, mode, dtype, device, quick=False, family="", x_key=None, op=OP):
     elt = torch.finfo(dtype).bits // 8
     grad = mode != "fwd"
 
@@ -91,14 +113,15 @@ def case(M, K, N, mode, dtype, device, quick=False, family="", x_key=None):
                 randn((N, K), dtype, device, seed + 1, grad, scale=K**-0.5),
                 randn((N,), dtype, device, seed + 2, grad, scale=0.1)]
 
-    return Case(OP, mode, dtype, {"M": M, "K": K, "N": N}, device, flops(M, K, N, mode),
-                min_bytes(M, K, N, mode, elt), inputs, _providers(device, mode, quick),
+    return Case(op, mode, dtype, {"M": M, "K": K, "N": N}, device, flops(M, K, N, mode),
+                min_bytes(M, K, N, mode, elt), inputs, _providers(OPS[op], device, mode, quick),
                 family=family, x_key=x_key, input_bytes=elt * (M * K + N * K + N))
 
 
-# The shapes issue 2 and issue 8 name, measured in every run that includes this op.
-ISSUE_SHAPES_CPU = [(65536, 128, 128), (16384, 256, 256), (4096, 784, 512), (256, 784, 512)]
-ISSUE_SHAPES_GPU = ISSUE_SHAPES_CPU + [(8192, 8192, 8192), (65536, 256, 1024)]
+# The shapes issues 2, 8 and 11 name, measured in every run that includes this op.
+ISSUE_SHAPES_CPU = [(65536, 128, 128), (16384, 256, 256), (4096, 784, 512), (256, 784, 512),
+                    (1024, 784, 512), (1024, 256, 10)]
+ISSUE_SHAPES_GPU = ISSUE_SHAPES_CPU[:4] + [(8192, 8192, 8192), (65536, 256, 1024)]
 SEED_LAYERS = [(784, 512), (512, 256), (256, 10)]  # the seed's MLP
 
 
@@ -126,15 +149,17 @@ def shapes(device, quick):
     return groups
 
 
-def cases(device, modes, dtypes, quick=False):
+def cases(device, modes, dtypes, quick=False, ops=(OP,)):
+    """The sweep of ``shapes`` for each op of ``OPS`` named in ``ops``."""
     seen = {}
-    for family, x_key, group in shapes(device, quick):
-        for M, K, N in group:
-            for dtype in dtypes:
-                for mode in modes:
-                    key = (M, K, N, dtype, mode)
-                    if key not in seen:
-                        seen[key] = case(M, K, N, mode, dtype, device, quick, family, x_key)
-                    seen[key].priority |= family == "issue"
+    for op in (o for o in OPS if o in ops):
+        for family, x_key, group in shapes(device, quick):
+            for M, K, N in group:
+                for dtype in dtypes:
+                    for mode in modes:
+                        key = (op, M, K, N, dtype, mode)
+                        if key not in seen:
+                            seen[key] = case(M, K, N, mode, dtype, device, quick, family, x_key, op)
+                        seen[key].priority |= family == "issue"
     return list(seen.values())
 

@@ -85,11 +85,17 @@ def ceilings(rows):
     return out
 
 
+def measured(rows):
+    """The rows with timings (not the skipped providers' rows)."""
+    return [r for r in rows if not r.get("skipped")]
+
+
 def _groups(rows):
-    """OrderedDict (op, mode, dtype) -> OrderedDict shape -> [rows], in a stable reading order."""
+    """OrderedDict (op, mode, dtype) -> OrderedDict shape -> [rows], in a stable reading order
+    (measured rows only)."""
     ops = ["linear_relu", "attention", *E2E]
     keyed = sorted(
-        (r for r in rows if r["op"] not in CEILINGS),
+        (r for r in measured(rows) if r["op"] not in CEILINGS),
         key=lambda r: (ops.index(r["op"]) if r["op"] in ops else len(ops), r["op"],
                        MODE_ORDER.get(r["mode"], 9), r["dtype"]))
     out = OrderedDict()
@@ -116,11 +122,18 @@ def _num(value, fmt="{:.3g}"):
     return fmt.format(value) if not math.isnan(value) else ""
 
 
+def levels(rows):
+    """The CPU levels the rows ran at, as one string ('AVX2 capped')."""
+    return ", ".join(sorted({r.get("cpu_level") or "level not recorded" for r in rows}))
+
+
 def summary(rows, device_name, header_lines=(), skipped=(), mismatches=(), target_lines=()):
     """The Markdown summary: ceilings, a headline table (best bigmodel backend against best
-    torch provider per case), then every provider per case, then what was skipped."""
+    torch provider per case), then every provider per case, then what was skipped: the
+    providers' skip rows, and ``skipped`` (case, provider, reason) for cases never started."""
     ceil = ceilings(rows)
-    lines = [f"# bigmodel benchmarks: {device_name}", ""]
+    title = f"{device_name}, {levels(rows)}" if device_name == "cpu" and rows else device_name
+    lines = [f"# bigmodel benchmarks: {title}", ""]
     lines += list(header_lines)
     lines += ["", "Ratios are `best torch ms / provider ms` on the same inputs in the same run "
               "(above 1.00x = faster than PyTorch's best); `% peak` is TFLOP/s over the matmul "
@@ -128,7 +141,7 @@ def summary(rows, device_name, header_lines=(), skipped=(), mismatches=(), targe
               "the run. Times are medians, with p20 and p80.", ""]
     lines += ["## Ceilings", "", "| dtype | matmul TFLOP/s | shape | copy GB/s |", "|---|---|---|---|"]
     for dtype in sorted(ceil):
-        mm = next((r for r in rows if r["op"] == "ceiling_matmul" and r["dtype"] == dtype), None)
+        mm = next((r for r in measured(rows) if r["op"] == "ceiling_matmul" and r["dtype"] == dtype), None)
         lines.append(f"| {dtype} | {_num(ceil[dtype][0])} | {mm['shape'] if mm else ''} | {_num(ceil[dtype][1], '{:.0f}')} |")
     if len(target_lines) > 2:
         lines += ["", "## The issues' speed targets", "", *target_lines]
@@ -172,23 +185,37 @@ def summary(rows, device_name, header_lines=(), skipped=(), mismatches=(), targe
         lines += ["## Output mismatches (forward output against the first torch provider)", ""]
         lines += [f"- {case} {name}: relative max error {err:.3g}" for case, name, err in mismatches]
         lines.append("")
-    if skipped:
-        lines += ["## Skipped in the latest run", ""]
-        late = {str(case) for case, _, reason in skipped if reason.startswith("time limit")}
-        if late:
-            reason = next(r for _, _, r in skipped if r.startswith("time limit"))
-            lines.append(f"- {len(late)} case(s) not started: {reason} (see `--time-limit`)")
-        by_reason = OrderedDict()
-        for case, name, reason in skipped:
-            if reason.startswith("time limit"):
-                continue
-            by_reason.setdefault((name, reason), []).append(case)
-        for (name, reason), cases in by_reason.items():
-            example = ", ".join(f"{c.op} {c.mode} {c.dtype_name} `{c.shape_str}`" for c in cases[:2])
-            more = f" and {len(cases) - 2} more" if len(cases) > 2 else ""
-            lines.append(f"- {name}: {reason} ({len(cases)} case(s): {example}{more})")
-        lines.append("")
+    lines += _skipped_section(rows, skipped)
     return "\n".join(lines) + "\n"
+
+
+def _skipped_section(rows, not_started):
+    """Why providers have no timings: over budget one per line (with the first call's time),
+    the other reasons grouped; then the cases a time limit left unstarted."""
+    skips = [r for r in rows if r.get("skipped")]
+    if not (skips or not_started):
+        return []
+    lines = ["## Skipped", ""]
+    late = {str(case) for case, _, _ in not_started}
+    if late:
+        lines.append(f"- {len(late)} case(s) not started in the latest run: {not_started[0][2]} "
+                     "(see `--time-limit`; their older rows, if any, are kept)")
+    over = [r for r in skips if r["skipped"].startswith("over budget")]
+    if over:
+        lines += ["", "Over budget (see `--provider-budget`):", "", "| case | provider | why |", "|---|---|---|"]
+        lines += [f"| {r['op']} {r['mode']} {r['dtype']} `{r['shape']}` | {r['provider']} | {r['skipped']} |"
+                  for r in over]
+        lines.append("")
+    by_reason = OrderedDict()
+    for r in skips:
+        if r not in over:
+            by_reason.setdefault((r["provider"], r["skipped"]), []).append(r)
+    for (name, reason), rs in by_reason.items():
+        example = ", ".join(f"{r['op']} {r['mode']} {r['dtype']} `{r['shape']}`" for r in rs[:2])
+        more = f" and {len(rs) - 2} more" if len(rs) > 2 else ""
+        lines.append(f"- {name}: {reason} ({len(rs)} case(s): {example}{more})")
+    lines.append("")
+    return lines
 
 
 def plot_families(op, shape):
@@ -196,7 +223,7 @@ def plot_families(op, shape):
     s = parse_shape(shape)
     if op == "attention":
         return f"D={s['D']} causal={s['causal']} (H*D={s['H'] * s['D']})", "L", s["L"]
-    if op == "linear_relu":
+    if {"M", "K", "N"} <= set(s):  # the linear + activation family
         M, K, N = s["M"], s["K"], s["N"]
         if M == K == N:
             return "square M=K=N", "N", N
@@ -206,9 +233,10 @@ def plot_families(op, shape):
     return None
 
 
-def plots(rows, out_dir, device_name):
-    """One PNG per (op, dtype): a grid of families (rows) by modes (columns), TFLOP/s against
-    length or size, one line per provider, the matmul ceiling dashed. Returns the paths."""
+def plots(rows, out_dir, device_name, stem=None):
+    """One PNG per (op, dtype), <stem>_<op>_<dtype>.png (stem: the device's slug by default):
+    a grid of families (rows) by modes (columns), TFLOP/s against length or size, one line per
+    provider, the matmul ceiling dashed. Returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +245,7 @@ def plots(rows, out_dir, device_name):
     ceil = ceilings(rows)
     data = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # (op,dtype) -> fam -> mode -> rows
     xnames = {}
-    for r in rows:
+    for r in measured(rows):
         if r["op"] in CEILINGS or r["op"] in E2E or math.isnan(_f(r["tflops"])):
             continue
         fam = plot_families(r["op"], r["shape"])
@@ -265,9 +293,10 @@ def plots(rows, out_dir, device_name):
                 ax.grid(alpha=0.3)
                 if lines:
                     ax.legend(fontsize=6)
-        fig.suptitle(f"{op} {dtype} on {device_name}", fontsize=11)
+        where = f"{device_name} ({levels(rows)})" if device_name == "cpu" else device_name
+        fig.suptitle(f"{op} {dtype} on {where}", fontsize=11)
         fig.tight_layout()
-        path = os.path.join(out_dir, f"{slug(device_name)}_{op}_{dtype}.png")
+        path = os.path.join(out_dir, f"{stem or slug(device_name)}_{op}_{dtype}.png")
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)

@@ -2,29 +2,42 @@
 
 Runs the suite in-process at tiny shapes with one repetition and checks the CSV's columns, the
 summary and a plot; plus the pieces with logic of their own (quantiles, merge, FLOP counts,
-skipping a provider that is not implemented).
+skipping a provider that is not implemented or over its time budget, the CPU-level caps in a
+child process, progress lines while a case runs, the bf16 policy, the README table).
 """
 import csv
+import io
 import math
 import os
+import re
+import time
+import types
 
 import pytest
 import torch
 
 from bench import __main__ as bench_main
-from bench import attention, linear_relu, report
+from bench import attention, ceilings, cpu_level, linear_relu, readme, report, targets
 from bench.core import Case, Provider, op_provider
+from bench.progress import Estimator, Progress
 from bench.runner import COLUMNS, Budget, Runner
 from bench.timing import quantiles
 
-META = {"device": "cpu", "torch": torch.__version__, "triton": "", "git_sha": "x", "timestamp": "t"}
+META = {"device": "cpu", "cpu_level": "AVX2 capped", "torch": torch.__version__, "triton": "",
+        "git_sha": "x", "timestamp": "t"}
+STEM = f"cpu_{cpu_level.torch_level()}"  # this process's level names the files
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def test_smoke_run_writes_csv_summary_and_plot(tmp_path):
     argv = ["--smoke", "--device", "cpu", "--reps", "1", "--out", str(tmp_path), "--no-progress",
             "--modes", "fwd,fwd+bwd"]
     assert bench_main.main(argv) == 0
-    with open(tmp_path / "cpu.csv", newline="") as f:
+    with open(tmp_path / f"{STEM}.csv", newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
     assert reader.fieldnames == COLUMNS
@@ -33,18 +46,18 @@ def test_smoke_run_writes_csv_summary_and_plot(tmp_path):
     assert {"bigmodel-cpp", "torch-eager"} <= providers
     for r in rows:
         assert float(r["ms_p20"]) <= float(r["ms_p50"]) <= float(r["ms_p80"])
-        assert r["device"] == "cpu" and r["timestamp"]
+        assert r["device"] == "cpu" and r["timestamp"] and r["cpu_level"].startswith(cpu_level.torch_level().upper())
         if r["op"] == "linear_relu":
             assert r["shape"].startswith("M=") and float(r["tflops"]) > 0 and float(r["gbps"]) > 0
-    summary = (tmp_path / "cpu_summary.md").read_text()
+    summary = (tmp_path / f"{STEM}_summary.md").read_text()
     assert "bigmodel against PyTorch's best" in summary and "linear_relu" in summary
-    assert os.path.getsize(tmp_path / "cpu_linear_relu_fp32.png") > 1000
+    assert "- CPU level: " in summary and "- run time: " in summary
+    assert os.path.getsize(tmp_path / f"{STEM}_linear_relu_fp32.png") > 1000
 
     # A second run of one case replaces that case's rows and keeps the others.
     argv2 = argv[:-2] + ["--modes", "fwd", "--ops", "linear_relu"]
     assert bench_main.main(argv2) == 0
-    with open(tmp_path / "cpu.csv", newline="") as f:
-        rows2 = list(csv.DictReader(f))
+    rows2 = _read(tmp_path / f"{STEM}.csv")
     key = lambda r: (r["op"], r["mode"], r["provider"], r["dtype"], r["shape"])  # noqa: E731
     assert len({key(r) for r in rows2}) == len(rows2)
     assert any(r["op"] == "mlp_step" for r in rows2)
@@ -60,8 +73,9 @@ def test_not_implemented_provider_is_skipped_not_raised():
                                    op_provider("torch-eager", torch.relu, "fwd")])
     runner = Runner(torch.device("cpu"), Budget(0.0, 1, 1), META)
     rows = runner.run(case)
-    assert [r["provider"] for r in rows] == ["torch-eager"]
+    assert [(r["provider"], bool(r["skipped"])) for r in rows] == [("torch-eager", False), ("bigmodel-x", True)]
     assert runner.skipped[0][1] == "bigmodel-x" and "not implemented" in runner.skipped[0][2]
+    assert rows[1]["ms_p50"] == "" and "not implemented" in rows[1]["skipped"]
 
 
 def test_wrong_output_is_flagged():
@@ -120,3 +134,137 @@ def test_cpu_peak_memory_counts_a_reused_heap_block():
         torch.ones(n)
     mb = peak_mb(lambda: torch.ones(n), torch.device("cpu"))
     assert 7.5 <= mb <= 12, mb
+
+
+def _sleeper(seconds, calls=None):
+    def call():
+        if calls is not None:
+            calls.append(1)
+        time.sleep(seconds)
+
+    return Provider("torch-slow", lambda inputs, seed: (call() or call))
+
+
+def test_provider_over_budget_is_skipped_with_its_first_time():
+    x = torch.randn(4, 4)
+    calls = []
+    case = Case("linear_relu", "bwd", torch.float32, {"M": 4}, torch.device("cpu"), 1.0, 1.0,
+                lambda seed: [x], [_sleeper(0.05, calls), Provider("bigmodel-fast", lambda i, s: (lambda: None))])
+    runner = Runner(torch.device("cpu"), Budget(0.0, 4, 4, input_sets=1, provider_s=0.1), META)
+    rows = {r["provider"]: r for r in runner.run(case)}
+    # Set-up and the one warm-up call of the slow provider, then it is dropped: 6 calls don't fit.
+    assert len(calls) == 2
+    assert rows["bigmodel-fast"]["ms_p50"] and not rows["bigmodel-fast"]["skipped"]
+    reason = rows["torch-slow"]["skipped"]
+    first = re.match(r"over budget: first timed call ([0-9.]+) ms, so 5 calls need", reason)
+    assert first and float(first.group(1)) >= 50 and reason.endswith("(budget 100 ms per provider)")
+    assert rows["torch-slow"]["ms_p50"] == "" and rows["torch-slow"]["cpu_level"] == "AVX2 capped"
+    summary = report.summary(list(rows.values()), "cpu")
+    assert "Over budget" in summary and reason in summary
+    # No budget: the same provider is timed.
+    runner = Runner(torch.device("cpu"), Budget(0.0, 2, 2, input_sets=1), META)
+    assert all(not r["skipped"] for r in runner.run(case))
+
+
+def test_progress_lines_while_a_case_runs():
+    """A line at once, then heartbeats while one slow case runs (`make bench` shows progress
+    within 30 s however slow its first case)."""
+    x = torch.randn(2, 2)
+    cases = [Case("linear_relu", "fwd", torch.float32, {"M": m}, torch.device("cpu"), 1e6, 1.0,
+                  lambda seed: [x], [_sleeper(0.01)]) for m in (1, 2)]
+    budget = Budget(0.0, 1, 1, input_sets=1)
+    out = io.StringIO()
+    with Progress(cases, Estimator(cases, budget, lambda c: 1), stream=out, heartbeat_s=0.2) as progress:
+        assert out.getvalue().startswith("bench [0/2]")
+        progress.case_start(0, cases[0])
+        progress.phase("torch-slow set-up")
+        time.sleep(0.7)  # a case that runs long: heartbeats keep coming
+        progress.case_done(0, cases[0], 0.7)
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 3 and all(ln.startswith("bench [") for ln in lines)
+    assert any("torch-slow set-up" in ln and "left" in ln for ln in lines)
+
+
+def test_estimate_learns_from_measured_cases():
+    x = torch.randn(2, 2)
+    cases = [Case("linear_relu", "fwd", torch.float32, {"M": m}, torch.device("cpu"), 1e9, 1.0,
+                  lambda seed: [x], [_sleeper(0)]) for m in (1, 2, 3)]
+    est = Estimator(cases, Budget(1.0, 5, 50, input_sets=1), lambda c: 1)
+    est.observe(0, 10 * est.model[0])  # ten times slower than modelled
+    assert est.left(1) == pytest.approx(20 * est.model[1])
+
+
+def test_cpu_capability_caps_run_in_a_child(tmp_path):
+    """--cpu-capability avx2 re-runs the bench with ATen, oneDNN and MKL capped before torch
+    loads: the child's torch reports AVX2 and every row records it."""
+    if "avx2" not in cpu_level.cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    argv = ["--cpu-capability", "avx2", "--smoke", "--device", "cpu", "--ops", "linear_relu", "--modes", "fwd",
+            "--reps", "1", "--out", str(tmp_path), "--no-progress"]
+    assert bench_main.main(argv) == 0
+    rows = _read(tmp_path / "cpu_avx2.csv")
+    native = cpu_level.native_level() == "avx2"
+    assert rows and {r["cpu_level"] for r in rows} == {"AVX2 native" if native else "AVX2 capped"}
+    assert "ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2" in (tmp_path / "cpu_avx2_summary.md").read_text()
+
+
+def test_cpu_capability_env_and_refusal(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cpu_level.subprocess, "run", lambda cmd, env: seen.update(cmd=cmd, env=env)
+                        or types.SimpleNamespace(returncode=0))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert cpu_level.relaunch(["--quick"], "avx512", replace=False) == 0
+    assert seen["cmd"][1:] == ["-m", "bench", "--quick"] and seen["env"]["ATEN_CPU_CAPABILITY"] == "avx512"
+    assert "ONEDNN_MAX_CPU_ISA" not in seen["env"]  # the top level caps nothing
+    assert cpu_level.needs_relaunch("avx2", {"ATEN_CPU_CAPABILITY": "avx2"})
+    assert not cpu_level.needs_relaunch("avx2", dict(cpu_level.LEVELS["avx2"]))
+    with pytest.raises(SystemExit, match="lacks avx512f, avx512bw"):
+        cpu_level.check_supported("avx512", {"avx2", "fma", "sse4_2"})
+    assert cpu_level.native_level({"avx2", "fma"}) == "avx2"
+    assert cpu_level.native_level({"avx", "sse4_2"}) == "default"
+
+
+def test_bf16_without_native_bf16_keeps_targets_and_says_why(monkeypatch):
+    monkeypatch.setattr(cpu_level, "native_bf16", lambda *a, **k: False)
+    cpu = torch.device("cpu")
+    args = bench_main.parse_args(["--device", "cpu"])
+    scope = bench_main.bf16_scope(args, cpu, native_bf16=False)
+    assert scope == "priority" and bench_main.bf16_scope(args, cpu, True) == "all"
+    cases = bench_main.build_cases(args, cpu, ("linear_relu", "attention"), ("fwd",),
+                                   [torch.float32, torch.bfloat16], None, scope)
+    bf16 = [c for c in cases if c.dtype_name == "bf16" and not c.op.startswith("ceiling")]
+    assert bf16 and all(c.priority for c in bf16)
+    assert any(targets.names(c, "cpu") for c in bf16)  # the bf16 >= 3x targets are kept
+    assert len(bf16) < len([c for c in cases if c.dtype_name == "fp32"])
+    assert "not native" in bench_main._level_lines(cpu, "AVX2 capped", False, scope)[1]
+    # The bf16 matmul ceiling: torch.mm is not timed (scalar loop), the converting GEMM is.
+    case = next(c for c in ceilings.cases(cpu, [torch.bfloat16], tiny=True) if c.op == "ceiling_matmul")
+    rows = Runner(cpu, Budget(0.0, 1, 1, input_sets=1), META).run(case)
+    assert {r["provider"]: bool(r["skipped"]) for r in rows}["torch-mm"]
+    assert "bf16 not native" in report.summary(rows, "cpu")
+
+
+def test_targets_by_level_and_readme_table(tmp_path):
+    step = "B=1024,layers=784-512-256-10"
+    rows = [dict(op="mlp_step", mode="fwd+bwd", dtype="fp32", shape=step, provider=p, ms_p50=ms, tflops="1",
+                 cpu_level=level, skipped="", device="cpu")
+            for level in ("AVX2 capped",) for p, ms in (("bigmodel-optimize", "10"), ("torch-eager", "10.2"),
+                                                       ("bigmodel-fused", "9"))]
+    line = next(x for x in targets.table(rows, "cpu") if x.startswith("| 11 | mlp_step"))
+    assert "1.02x" in line and ">= 1.03x" in line and line.endswith("| NO |")  # 1.03 at AVX2
+    for r in rows:
+        r["cpu_level"] = "AVX512+BF16 native"
+    line = next(x for x in targets.table(rows, "cpu") if x.startswith("| 11 | mlp_step"))
+    assert ">= 1.0x" in line and line.endswith("| yes |")
+    report.write_csv(str(tmp_path / "cpu_avx512.csv"), rows)
+    (tmp_path / "cpu_avx512_summary.md").write_text(
+        "# x\n\n- device: AMD EPYC, 2 threads\n- CPU level: AVX512+BF16 native (no caps)\n"
+        "- torch 2, triton 3, git abc123, latest run 2026-12-01T10:00:00Z: `python -m bench --quick`\n")
+    stem, block = readme.render(str(tmp_path / "cpu_avx512_summary.md"))
+    assert stem == "cpu_avx512"
+    assert block.startswith("**AVX512+BF16 native** on AMD EPYC, 2 threads; run of 2026-12-01, git abc123")
+    assert "| mlp_step fwd+bwd fp32 | B=1024, layers=784-512-256-10 | 10.2 (torch-eager) | 9 | 1.13x | >= 1.05x |" in block
+    doc = tmp_path / "README.md"
+    doc.write_text("a\n<!-- bench:cpu_avx512 -->\nold\n<!-- /bench:cpu_avx512 -->\nb\n")
+    readme.write(str(doc), stem, block)
+    assert "old" not in doc.read_text() and doc.read_text().endswith("<!-- /bench:cpu_avx512 -->\nb\n")
