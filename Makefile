@@ -6,7 +6,7 @@ STAMP := $(VENV)/.requirements.stamp
 BUILT := $(VENV)/.build.stamp
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/autograd/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp csrc/*.h csrc/cpu/*.h)
 
-.PHONY: setup build test test-fast bench bench-quick device-dry-run clean
+.PHONY: setup build test test-fast bench bench-quick bench-readme device-dry-run clean
 
 setup: $(STAMP)
 $(STAMP): requirements.txt
@@ -30,6 +30,11 @@ bench: build
 
 bench-quick: build
 	$(VPY) -m bench --quick $(BENCH_ARGS)
+
+# The README's results tables, redrawn from the committed runs (one per CPU level; a level is
+# run with BENCH_ARGS=--cpu-capability=avx2 and the like).
+bench-readme: setup
+	for s in bench/results/cpu_*_summary.md; do [ -e $$s ] || continue; $(VPY) -m bench.readme $$s --write README.md || exit 1; done
 
 # Everything bench/device_check.sh does that needs no GPU.
 device-dry-run: build

@@ -154,9 +154,9 @@ def smoke_cases(device, modes, dtypes):
 
 
 def bf16_scope(args, device, native_bf16):
-    """Which bf16 cases run: 'all'; 'priority' (the issues' target shapes: a full CPU run where
-    bf16 is not native, as torch's bf16 there is slow and says little beyond the targets);
-    'targets' (only the shapes bench.targets names in bf16: --quick on CPU)."""
+    """Which bf16 cases run: 'all'; 'priority' (the forwards of the issues' target shapes: a
+    full CPU run where bf16 is not native, as torch's bf16 there is slow and says little beyond
+    the targets); 'targets' (only the shapes bench.targets names in bf16: --quick on CPU)."""
     if device.type == "cuda" or args.dtypes:
         return "all"
     if args.quick:
@@ -167,7 +167,7 @@ def bf16_scope(args, device, native_bf16):
 def _keep_bf16(case, scope, device):
     if scope == "all" or case.dtype_name != "bf16" or case.op.startswith("ceiling"):
         return True
-    if scope == "priority" and case.priority:
+    if scope == "priority" and case.priority and case.mode == "fwd":
         return True
     return targets.names(case, device.type)
 
@@ -192,9 +192,15 @@ def build_cases(args, device, ops, modes, dtypes, budget=None, bf16="all"):
         if words:
             c.providers = [p for p in c.providers if any(w in p.name for w in words)]
         # --quick compiles only where it answers a question: the target shapes and the
-        # training steps, fwd and fwd+bwd (a bwd row of a compiled graph adds little).
-        if args.no_compile or args.smoke or (args.quick and (c.mode == "bwd" or not (c.priority or c.family == "e2e"))):
+        # training steps, fwd and fwd+bwd (a bwd row of a compiled graph adds little). On CPU,
+        # where one compile takes seconds of the run's 25 minutes, no run compiles a bwd row.
+        cpu_bwd = device.type == "cpu" and c.mode == "bwd"
+        if args.no_compile or args.smoke or cpu_bwd or (args.quick and (c.mode == "bwd" or not (c.priority or c.family == "e2e"))):
             c.providers = [p for p in c.providers if p.name not in compiled]
+        # The plain-PyTorch reference is a correctness short-circuit, not a contender; on CPU
+        # its backward (attention's materialised scores) cost more than the rest of the case.
+        if device.type == "cpu" and c.mode != "fwd" and not args.smoke:
+            c.providers = [p for p in c.providers if p.name != "bigmodel-reference"]
     fams = [w.strip() for w in (args.families or "").split(",") if w.strip()]
     if fams:
         cases = [c for c in cases if c.op.startswith("ceiling") or any(w in c.family for w in fams)
@@ -224,8 +230,8 @@ def _level_lines(device, level, native16, scope):
         why = ("native (avx512_bf16 or AMX, not capped)" if native16 else
                "not native at this level (no avx512_bf16/amx_bf16, or capped below AVX512): torch's "
                "bf16 GEMMs are slow here; a provider over its time budget is skipped")
-        scope_note = {"all": "", "priority": "; the bf16 sweep is left out, only the issues' target "
-                      "shapes run in bf16 (`--dtypes fp32,bf16` runs it all)",
+        scope_note = {"all": "", "priority": "; the bf16 sweep is left out, only the forwards of the "
+                      "issues' target shapes run in bf16 (`--dtypes fp32,bf16` runs it all)",
                       "targets": "; --quick runs bf16 only at the bf16 target shapes"}[scope]
         lines.append(f"- bf16: {why}{scope_note}")
     return lines
@@ -331,6 +337,10 @@ def main(argv=None):
                     fresh[fresh.index(same[0])] = row
     took = progress.elapsed()
     header.append(_run_time_line(runner, cases, took, first_guess))
+    if runner.reduced:
+        header.append("- timed on one input set with fewer repetitions (over budget at the full count; "
+                      "no peak MB): " + ", ".join(f"{c} {n} ({reps} reps, {est:.2g} s a call)"
+                                                  for c, n, reps, est in runner.reduced))
     rows = report.merge(old, fresh)
     report.write_csv(csv_path, rows)
     late = [s for s in runner.skipped if s[2].startswith("time limit")]
@@ -357,6 +367,9 @@ def _run_time_line(runner, cases, took, first_guess):
             f"{torch.get_num_threads()} threads (modelled at the start: ~{fmt_duration(first_guess)})")
     if slow:
         line += "; slowest: " + ", ".join(f"{c} {w:.0f} s" for c, w, _ in slow)
+    setups = sorted(runner.setup_s.items(), key=lambda kv: -kv[1])
+    if setups:
+        line += "; first set-ups (compiling included): " + ", ".join(f"{n} {s:.0f} s" for n, s in setups)
     return line
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 ENV_KEYS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+RELAUNCHED = "BENCH_CPU_CAPABILITY_RELAUNCHED"  # set in the fresh process: it never relaunches again
 ORDER = ("default", "avx2", "avx512")  # ATen's x86 levels, lowest first
 # Per level, what the three libraries are capped at. DEFAULT is a CPU without AVX2/FMA; the
 # best such parts (Sandy/Ivy Bridge) have AVX, so oneDNN and MKL keep AVX. AVX512 is the top
@@ -71,8 +72,12 @@ def relaunch(argv, level, replace):
     """Runs ``python -m bench argv`` with ``level``'s caps in its environment: in place of this
     process (``replace``, the command line) or as a child whose exit status is returned (an
     in-process caller, e.g. a test, whose torch is already loaded)."""
+    if os.environ.get(RELAUNCHED):
+        raise SystemExit(f"bench: --cpu-capability {level}: the caps did not reach the fresh process "
+                         f"(its environment has " + ", ".join(f"{k}={os.environ.get(k)!r}" for k in ENV_KEYS) + ")")
     env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
     env.update({k: v for k, v in LEVELS[level].items() if v is not None})
+    env[RELAUNCHED] = level
     cmd = [sys.executable, "-m", "bench", *argv]
     print(f"bench: --cpu-capability {level}: re-running with "
           + " ".join(f"{k}={v or '(unset)'}" for k, v in LEVELS[level].items()), file=sys.stderr, flush=True)

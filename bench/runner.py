@@ -31,8 +31,9 @@ class Budget:
     """How long each case is timed: ``seconds`` of calls per provider, within [min_reps, max_reps].
 
     ``provider_s``: the most one provider's calls in a case may take (set-up of the other input
-    sets, repetitions, the memory call), judged from its first timed call; a provider that
-    would take longer is skipped as over budget. None: no limit.
+    sets, repetitions, the memory call), judged from its first timed call. A provider that
+    would take longer runs on one input set with fewer repetitions (at least ``floor_reps``,
+    no memory call); one that cannot fit even those is skipped as over budget. None: no limit.
     """
 
     seconds: float
@@ -42,6 +43,7 @@ class Budget:
     input_set_bytes: float = 1 << 30  # all input sets of a case together, at most
     warmup: int = 1  # timed warm-up calls after set-up
     provider_s: Optional[float] = None
+    floor_reps: int = 3
 
 
 def budget_for(device, quick, reps=None, provider_s=None):
@@ -50,7 +52,9 @@ def budget_for(device, quick, reps=None, provider_s=None):
         b = Budget(0.15, 10, 100, input_set_bytes=8 << 30, warmup=2, provider_s=30.0) if quick else \
             Budget(0.5, 25, 300, input_set_bytes=8 << 30, warmup=2, provider_s=60.0)
     else:
-        b = Budget(0.2, 5, 30, input_sets=2, provider_s=8.0) if quick else Budget(1.0, 7, 100, provider_s=20.0)
+        # Half a second of calls per provider: on CPU the spread comes from the machine, not
+        # from the count, and the full run must fit 25 minutes on 2 cores.
+        b = Budget(0.2, 5, 30, input_sets=2, provider_s=8.0) if quick else Budget(0.5, 7, 100, provider_s=20.0)
     if reps is not None:
         b.min_reps = b.max_reps = reps
     if provider_s is not None:
@@ -101,6 +105,8 @@ class Runner:
         self.skipped = []  # (case, provider, reason)
         self.mismatches = []  # (case, provider, relative error)
         self.case_times = []  # (case, wall s, process CPU s): what the run-time estimates use
+        self.setup_s = {}  # provider -> seconds in its first set-ups (compiling, autotuning)
+        self.reduced = []  # (case, provider, repetitions, first call s): timed with fewer reps
 
     def _n_sets(self, case):
         fit = int(self.budget.input_set_bytes // max(case.input_bytes, 1))
@@ -125,26 +131,37 @@ class Runner:
 
     def _prepare(self, case, provider, inputs):
         """Set-up on the first input set, the warm-up calls (the per-call estimate), then the
-        budget check, then set-up on the other sets: (calls, estimate)."""
+        budget check, then set-up on the other sets: (calls, estimate, most repetitions or
+        None for as many as the case's)."""
+        t0 = time.perf_counter()
         first = provider.setup(inputs[0], 0)
+        self.setup_s[provider.name] = self.setup_s.get(provider.name, 0.0) + time.perf_counter() - t0
         # Set-up ran the call once (compiling, autotuning); the warm-up calls are warm.
         est = min(self.timer.once(first) for _ in range(self.budget.warmup))
         limit = self.budget.provider_s
         # The calls still to come: the other sets' set-up, the repetitions, the memory call
         # and, for a forward, the output check.
-        n = len(inputs) - 1 + self.budget.min_reps + 1 + (case.mode == "fwd")
-        if limit and est * n > limit:
-            raise OverBudget(f"over budget: first timed call {_secs(est)}, so {n} calls need "
+        check = int(case.mode == "fwd")
+        n = len(inputs) - 1 + self.budget.min_reps + 1 + check
+        if not limit or est * n <= limit:
+            return [first] + [provider.setup(inp, i) for i, inp in enumerate(inputs[1:], 1)], est, None
+        # Too slow for the full count: one input set, what fits of the repetitions, no memory call.
+        fit = min(self.budget.min_reps, int(limit // est) - check)
+        floor = min(self.budget.floor_reps, self.budget.min_reps)
+        if fit < floor:
+            n = floor + check
+            raise OverBudget(f"over budget: first timed call {_secs(est)}, so even {n} calls need "
                              f"~{_secs(est * n)} (budget {_secs(limit)} per provider)")
-        return [first] + [provider.setup(inp, i) for i, inp in enumerate(inputs[1:], 1)], est
+        self.reduced.append((case, provider.name, fit, est))
+        return [first], est, fit
 
     def _run(self, case):
         inputs = [case.make_inputs(1000 * i) for i in range(self._n_sets(case))]
-        calls, estimates, rows = {}, {}, []
+        calls, estimates, caps, rows = {}, {}, {}, []
         for p in case.providers:
             self.on_phase(f"{p.name} set-up")
             try:
-                calls[p.name], estimates[p.name] = self._prepare(case, p, inputs)
+                calls[p.name], estimates[p.name], caps[p.name] = self._prepare(case, p, inputs)
             except Exception as err:  # noqa: BLE001 (every failure is reported, none stops the run)
                 self._skip(case, p.name, err, rows)
                 if self.device.type == "cuda":
@@ -156,12 +173,12 @@ class Runner:
         per_round = sum(estimates.values())
         reps = int(min(self.budget.max_reps, max(self.budget.min_reps, self.budget.seconds * len(calls) / max(per_round, 1e-9))))
         self.on_phase(f"timing {len(calls)} providers x {reps} reps")
-        samples = self.timer.measure(calls, reps, estimates)
+        samples = self.timer.measure(calls, reps, estimates, caps)
         measured = []
         for name, fns in calls.items():
             p50, p20, p80 = quantiles(samples[name])
             try:
-                mem = peak_mb(fns[0], self.device)
+                mem = math.nan if caps[name] else peak_mb(fns[0], self.device)
             except Exception:  # noqa: BLE001 (memory is a side figure; never lose the timing)
                 mem = math.nan
             measured.append(self._row(case, name, p50, p20, p80, mem))

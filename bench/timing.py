@@ -25,6 +25,11 @@ def quantiles(samples):
     return q(0.5), q(0.2), q(0.8)
 
 
+def _most(names, reps, caps):
+    """Samples per provider: ``reps``, or fewer where ``caps`` says so (a slow provider's)."""
+    return {n: min(reps, (caps or {}).get(n) or reps) for n in names}
+
+
 class CpuTimer:
     """Seconds per call by wall clock. Calls shorter than ``min_sample_s`` are repeated inside
     one sample (cycling the input sets) so the timer's resolution doesn't matter."""
@@ -40,9 +45,11 @@ class CpuTimer:
         fn()
         return time.perf_counter() - t0
 
-    def measure(self, calls, reps, estimates):
-        """``calls``: name -> list of zero-arg calls (one per input set); returns name -> samples (s)."""
+    def measure(self, calls, reps, estimates, caps=None):
+        """``calls``: name -> list of zero-arg calls (one per input set); ``caps``: name -> the
+        most samples that provider takes (None: ``reps``); returns name -> samples (s)."""
         names = list(calls)
+        most = _most(names, reps, caps)
         inner = {n: max(1, math.ceil(self.min_sample_s / max(estimates[n], 1e-9))) for n in names}
         samples = {n: [] for n in names}
         was_enabled = gc.isenabled()
@@ -51,6 +58,8 @@ class CpuTimer:
             for r in range(reps):
                 shift = r % len(names)
                 for n in names[shift:] + names[:shift]:
+                    if len(samples[n]) >= most[n]:
+                        continue
                     fns, k = calls[n], inner[n]
                     t0 = time.perf_counter()
                     for i in range(k):
@@ -81,12 +90,15 @@ class CudaTimer:
         end.synchronize()
         return start.elapsed_time(end) / 1e3
 
-    def measure(self, calls, reps, estimates):
+    def measure(self, calls, reps, estimates, caps=None):
         names = list(calls)
+        most = _most(names, reps, caps)
         events = {n: [] for n in names}
         for r in range(reps):
             shift = r % len(names)
             for n in names[shift:] + names[:shift]:
+                if len(events[n]) >= most[n]:
+                    continue
                 fns = calls[n]
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 self.flush_buf.zero_()

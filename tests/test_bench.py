@@ -156,7 +156,7 @@ def test_provider_over_budget_is_skipped_with_its_first_time():
     assert len(calls) == 2
     assert rows["bigmodel-fast"]["ms_p50"] and not rows["bigmodel-fast"]["skipped"]
     reason = rows["torch-slow"]["skipped"]
-    first = re.match(r"over budget: first timed call ([0-9.]+) ms, so 5 calls need", reason)
+    first = re.match(r"over budget: first timed call ([0-9.]+) ms, so even 3 calls need", reason)
     assert first and float(first.group(1)) >= 50 and reason.endswith("(budget 100 ms per provider)")
     assert rows["torch-slow"]["ms_p50"] == "" and rows["torch-slow"]["cpu_level"] == "AVX2 capped"
     summary = report.summary(list(rows.values()), "cpu")
@@ -164,6 +164,20 @@ def test_provider_over_budget_is_skipped_with_its_first_time():
     # No budget: the same provider is timed.
     runner = Runner(torch.device("cpu"), Budget(0.0, 2, 2, input_sets=1), META)
     assert all(not r["skipped"] for r in runner.run(case))
+
+
+def test_provider_near_budget_is_timed_with_fewer_reps():
+    x = torch.randn(4, 4)
+    calls = []
+    case = Case("linear_relu", "bwd", torch.float32, {"M": 4}, torch.device("cpu"), 1.0, 1.0,
+                lambda seed: [x], [_sleeper(0.02, calls), Provider("bigmodel-fast", lambda i, s: (lambda: None))])
+    # 7 reps + memory call of 20 ms > 100 ms; 3 to 4 reps fit.
+    runner = Runner(torch.device("cpu"), Budget(0.0, 7, 7, input_sets=2, provider_s=0.1), META)
+    rows = {r["provider"]: r for r in runner.run(case)}
+    assert not rows["torch-slow"]["skipped"] and rows["torch-slow"]["peak_mem_mb"] == ""
+    assert rows["bigmodel-fast"]["peak_mem_mb"] != ""
+    [(_, name, reps, _)] = runner.reduced
+    assert name == "torch-slow" and 3 <= reps <= 4 and len(calls) == 2 + reps  # one set-up, one warm-up
 
 
 def test_progress_lines_while_a_case_runs():
@@ -216,6 +230,10 @@ def test_cpu_capability_env_and_refusal(monkeypatch):
     assert cpu_level.relaunch(["--quick"], "avx512", replace=False) == 0
     assert seen["cmd"][1:] == ["-m", "bench", "--quick"] and seen["env"]["ATEN_CPU_CAPABILITY"] == "avx512"
     assert "ONEDNN_MAX_CPU_ISA" not in seen["env"]  # the top level caps nothing
+    monkeypatch.setenv(cpu_level.RELAUNCHED, "avx2")  # a fresh process whose caps got lost: no loop
+    with pytest.raises(SystemExit, match="did not reach"):
+        cpu_level.relaunch(["--quick"], "avx2", replace=False)
+    monkeypatch.delenv(cpu_level.RELAUNCHED)
     assert cpu_level.needs_relaunch("avx2", {"ATEN_CPU_CAPABILITY": "avx2"})
     assert not cpu_level.needs_relaunch("avx2", dict(cpu_level.LEVELS["avx2"]))
     with pytest.raises(SystemExit, match="lacks avx512f, avx512bw"):
@@ -230,10 +248,10 @@ def test_bf16_without_native_bf16_keeps_targets_and_says_why(monkeypatch):
     args = bench_main.parse_args(["--device", "cpu"])
     scope = bench_main.bf16_scope(args, cpu, native_bf16=False)
     assert scope == "priority" and bench_main.bf16_scope(args, cpu, True) == "all"
-    cases = bench_main.build_cases(args, cpu, ("linear_relu", "attention"), ("fwd",),
+    cases = bench_main.build_cases(args, cpu, ("linear_relu", "attention"), ("fwd", "bwd"),
                                    [torch.float32, torch.bfloat16], None, scope)
     bf16 = [c for c in cases if c.dtype_name == "bf16" and not c.op.startswith("ceiling")]
-    assert bf16 and all(c.priority for c in bf16)
+    assert bf16 and all(c.priority and c.mode == "fwd" for c in bf16)
     assert any(targets.names(c, "cpu") for c in bf16)  # the bf16 >= 3x targets are kept
     assert len(bf16) < len([c for c in cases if c.dtype_name == "fp32"])
     assert "not native" in bench_main._level_lines(cpu, "AVX2 capped", False, scope)[1]
