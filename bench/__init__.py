@@ -8,6 +8,10 @@ the same run, interleaved, and writes long-format CSV rows, a Markdown summary a
   memory.py      peak memory of one call (CUDA allocator, or RSS high-water mark on CPU)
   ceilings.py    the limits measured in the same run: a large matmul, a large copy
   linear_relu.py attention.py end_to_end.py   the cases and their providers
-  runner.py      runs cases into rows, with a progress bar
+  runner.py      runs cases into rows (set-up, warm-up, budget check, interleaved timing)
+  progress.py    progress lines and the run-time estimate
+  cpu_level.py   --cpu-capability: ATen, oneDNN and MKL capped in a fresh process
   report.py      CSV, summary and plots
+  targets.py     the issues' speed targets, per CPU level
+  readme.py      the README's results table, from a run's summary and CSV
 """

@@ -246,6 +246,7 @@ def main(argv=None):
             return cpu_level.relaunch(sys.argv[1:] if argv is None else list(argv), args.cpu_capability,
                                       replace=argv is None)
         cpu_level.verify(args.cpu_capability)
+    cpu_level.isolate_compile_cache(cpu_level.torch_level())  # before anything compiles
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)

@@ -9,9 +9,11 @@ has them (:func:`relaunch`).
 
 Nothing here imports torch at module level: the parent reads /proc/cpuinfo before it decides.
 """
+import getpass
 import os
 import subprocess
 import sys
+import tempfile
 
 ENV_KEYS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 RELAUNCHED = "BENCH_CPU_CAPABILITY_RELAUNCHED"  # set in the fresh process: it never relaunches again
@@ -68,6 +70,14 @@ def needs_relaunch(level, environ=None):
     return any(environ.get(k) != v for k, v in LEVELS[level].items())
 
 
+def env_for(level, environ=None):
+    """This process's environment with ``level``'s caps in place of any it had."""
+    environ = os.environ if environ is None else environ
+    env = {k: v for k, v in environ.items() if k not in ENV_KEYS}
+    env.update({k: v for k, v in LEVELS[level].items() if v is not None})
+    return env
+
+
 def relaunch(argv, level, replace):
     """Runs ``python -m bench argv`` with ``level``'s caps in its environment: in place of this
     process (``replace``, the command line) or as a child whose exit status is returned (an
@@ -75,8 +85,7 @@ def relaunch(argv, level, replace):
     if os.environ.get(RELAUNCHED):
         raise SystemExit(f"bench: --cpu-capability {level}: the caps did not reach the fresh process "
                          f"(its environment has " + ", ".join(f"{k}={os.environ.get(k)!r}" for k in ENV_KEYS) + ")")
-    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
-    env.update({k: v for k, v in LEVELS[level].items() if v is not None})
+    env = env_for(level)
     env[RELAUNCHED] = level
     cmd = [sys.executable, "-m", "bench", *argv]
     print(f"bench: --cpu-capability {level}: re-running with "
@@ -101,6 +110,24 @@ def verify(level):
     if got != level:
         raise SystemExit(f"bench: asked for --cpu-capability {level} but torch runs {got.upper()} "
                          f"(ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')!r})")
+
+
+def isolate_compile_cache(level, environ=None):
+    """Gives torch.compile a cache of its own per level (unless TORCHINDUCTOR_CACHE_DIR is set).
+
+    Inductor's cache does not key its C++ kernels on the capability ATen runs at: a graph
+    compiled under the AVX2 caps, loaded again by an uncapped process, corrupted the heap
+    ("double free or corruption") in the attention fwd+bwd case, and one compiled uncapped
+    failed to build under the DEFAULT caps. Returns the folder.
+    """
+    environ = os.environ if environ is None else environ
+    if not environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = str(os.getuid())
+        environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}_bench_{level}")
+    return environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def native_bf16(flags=None, environ=None):

@@ -238,6 +238,9 @@ def test_cpu_capability_env_and_refusal(monkeypatch):
     assert not cpu_level.needs_relaunch("avx2", dict(cpu_level.LEVELS["avx2"]))
     with pytest.raises(SystemExit, match="lacks avx512f, avx512bw"):
         cpu_level.check_supported("avx512", {"avx2", "fma", "sse4_2"})
+    env = {}  # torch.compile's cache per level: one compiled under other caps corrupts the heap
+    assert cpu_level.isolate_compile_cache("avx2", env).endswith("_bench_avx2")
+    assert cpu_level.isolate_compile_cache("avx512", {"TORCHINDUCTOR_CACHE_DIR": "/x"}) == "/x"
     assert cpu_level.native_level({"avx2", "fma"}) == "avx2"
     assert cpu_level.native_level({"avx", "sse4_2"}) == "default"
 
