@@ -145,14 +145,19 @@ def _sleeper(seconds, calls=None):
     return Provider("torch-slow", lambda inputs, seed: (call() or call))
 
 
-def test_provider_over_budget_is_skipped_with_its_first_time():
+def _slow_and_fast(seconds, calls):
+    """A bwd case of a provider sleeping ``seconds`` a call (counted in ``calls``) and a no-op."""
     x = torch.randn(4, 4)
+    return Case("linear_relu", "bwd", torch.float32, {"M": 4}, torch.device("cpu"), 1.0, 1.0,
+                lambda seed: [x], [_sleeper(seconds, calls), Provider("bigmodel-fast", lambda i, s: (lambda: None))])
+
+
+def test_provider_over_budget_is_skipped_with_its_first_time():
     calls = []
-    case = Case("linear_relu", "bwd", torch.float32, {"M": 4}, torch.device("cpu"), 1.0, 1.0,
-                lambda seed: [x], [_sleeper(0.05, calls), Provider("bigmodel-fast", lambda i, s: (lambda: None))])
+    case = _slow_and_fast(0.05, calls)
     runner = Runner(torch.device("cpu"), Budget(0.0, 4, 4, input_sets=1, provider_s=0.1), META)
     rows = {r["provider"]: r for r in runner.run(case)}
-    # Set-up and the one warm-up call of the slow provider, then it is dropped: 6 calls don't fit.
+    # Set-up and the one warm-up call of the slow provider, then it is dropped: even 3 reps don't fit.
     assert len(calls) == 2
     assert rows["bigmodel-fast"]["ms_p50"] and not rows["bigmodel-fast"]["skipped"]
     reason = rows["torch-slow"]["skipped"]
@@ -167,10 +172,8 @@ def test_provider_over_budget_is_skipped_with_its_first_time():
 
 
 def test_provider_near_budget_is_timed_with_fewer_reps():
-    x = torch.randn(4, 4)
     calls = []
-    case = Case("linear_relu", "bwd", torch.float32, {"M": 4}, torch.device("cpu"), 1.0, 1.0,
-                lambda seed: [x], [_sleeper(0.02, calls), Provider("bigmodel-fast", lambda i, s: (lambda: None))])
+    case = _slow_and_fast(0.02, calls)
     # 7 reps + memory call of 20 ms > 100 ms; 3 to 4 reps fit.
     runner = Runner(torch.device("cpu"), Budget(0.0, 7, 7, input_sets=2, provider_s=0.1), META)
     rows = {r["provider"]: r for r in runner.run(case)}
