@@ -6,7 +6,7 @@ STAMP := $(VENV)/.requirements.stamp
 BUILT := $(VENV)/.build.stamp
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/autograd/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp csrc/*.h csrc/cpu/*.h)
 
-.PHONY: setup build test test-fast bench bench-quick device-dry-run clean
+.PHONY: setup build test bench bench-quick device-dry-run clean
 
 setup: $(STAMP)
 $(STAMP): requirements.txt

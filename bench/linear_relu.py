@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import bigmodel
-from bench.core import Case, Provider, Skip, bigmodel_backends, compile_modes, op_provider, randn
+from bench.core import Case, Provider, bigmodel_backends, compile_modes, op_provider, randn
 
 OP = "linear_relu"
 
@@ -47,23 +47,11 @@ def _bound_addmm(inputs, seed):
     return run
 
 
-def _cublaslt():
-    try:
-        from bigmodel.ops.linear_relu_cublaslt import linear_relu_cublaslt
-    except ImportError as err:
-        raise Skip(f"no cuBLASLt path ({err})") from None
-    return linear_relu_cublaslt
-
-
 def _providers(device, mode, quick):
     out = []
     for name in bigmodel_backends(device):
         ctx = lambda name=name: bigmodel.use_backend(name)  # noqa: E731
         out.append(op_provider(f"bigmodel-{name}", bigmodel.linear_relu, mode, ctx))
-    if device.type == "cuda" and "cublaslt" not in bigmodel_backends(device):
-        # The cuBLASLt path, measured beside Triton even before it is a named backend.
-        out.append(Provider("bigmodel-cublaslt", lambda inputs, seed: op_provider(
-            "bigmodel-cublaslt", _cublaslt(), mode).setup(inputs, seed)))
     out.append(op_provider("torch-eager", _eager, mode))
     if mode == "fwd":  # it has no autograd formula
         out.append(op_provider("torch-addmm_act", _addmm_act, mode))

@@ -4,7 +4,7 @@
   scaled_dot_product_attention(q, k, v, ...)      torch's SDPA contract, FlashAttention-style
   nn.FusedLinearReLU, nn.MultiheadAttention        drop-in modules
   optimize(model)                                 swap and fuse a model's layers
-  use_backend(name)                               'auto' | 'cpp' | 'triton' | 'reference'
+  use_backend(name)                               'auto' | 'cpp' | 'triton' | 'cublaslt' | 'reference'
 """
 from bigmodel import integrations, nn  # noqa: F401
 from bigmodel.backend import use_backend  # noqa: F401

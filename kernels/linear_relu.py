@@ -223,10 +223,10 @@ def linear_relu_bwd(grad, out, x, weight, output_mask):
     M, K = x.shape
     N = weight.shape[0]
     need_dx, need_dw, need_db = (bool(f) for f in output_mask)
-    empty = x.new_empty(0)
-    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_dx else empty
-    dw = torch.empty((N, K), device=x.device, dtype=x.dtype) if need_dw else empty
-    db = torch.empty((N,), device=x.device, dtype=x.dtype) if need_db else empty
+    # One fresh empty tensor per gradient not asked for: outputs of an op must not alias.
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_dx else x.new_empty(0)
+    dw = torch.empty((N, K), device=x.device, dtype=x.dtype) if need_dw else x.new_empty(0)
+    db = torch.empty((N,), device=x.device, dtype=x.dtype) if need_db else x.new_empty(0)
     precision = _precision(x.dtype)
     if need_dx and M and K:
         if N == 0:
