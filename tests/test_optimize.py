@@ -336,3 +336,20 @@ def test_distributed_gradients_match_single_process(tmp_path, mode):
     assert sorted(grads) == sorted(n for n, _ in single.named_parameters())
     for n, p in single.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-12, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors (docs/errors.md).
+
+from error_table import check_row, rows_of  # noqa: E402
+
+ERROR_CASES = {"optimize-type": (lambda mp: bigmodel.optimize("model"), "model", False)}
+
+
+def test_error_rows_are_all_covered():
+    assert set(ERROR_CASES) == set(rows_of("optimize"))
+
+
+@pytest.mark.parametrize("ident", sorted(ERROR_CASES))
+def test_error_row(ident, monkeypatch):
+    check_row(ident, ERROR_CASES[ident], monkeypatch)
