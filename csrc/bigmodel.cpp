@@ -21,6 +21,14 @@ TORCH_LIBRARY(bigmodel, m) {
   m.def(
       "linear_relu_backward(Tensor grad_output, Tensor output, Tensor input, Tensor weight, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // activation: 'none', 'leaky_relu', 'gelu', 'gelu_tanh', 'silu', 'tanh', 'sigmoid' (ReLU is
+  // linear_relu). Returns (out, pre): pre = x W^T + b where the derivative needs it, else empty.
+  m.def(
+      "fused_linear(Tensor input, Tensor weight, Tensor? bias, str activation, float negative_slope) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "fused_linear_backward(Tensor grad_output, Tensor output, Tensor pre, Tensor input, Tensor weight, "
+      "str activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def(
       "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
       "bool is_causal, float scale, Tensor? rng_seed) -> (Tensor, Tensor)");

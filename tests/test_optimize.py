@@ -82,8 +82,8 @@ def test_seed_classifier(dtype):
     assert type(model.fc1) is nn.Linear and type(model.relu) is nn.ReLU  # inplace=False: original kept
     assert opt.fc1.weight.dtype == dtype
     rep = opt.bigmodel_report
-    assert rep.fused == ["fc1", "fc2"] and rep.relu_removed == ["relu"] and rep.attention == []
-    assert "fused 2 Linear+ReLU" in str(rep)
+    assert rep.fused == ["fc1", "fc2"] and rep.activations_removed == ["relu"] and rep.attention == []
+    assert "fused 2 Linear+activation (2 relu)" in str(rep)
     check_state_dict_round_trip(model, opt)
 
 
@@ -107,9 +107,11 @@ def test_gan_stacks(dtype):
             return self.m["discriminator"](self.m["generator"](z))
 
     opt = check_equivalent(Both(model), lambda dt: [torch.randn(9, 16, dtype=dt, requires_grad=True)], dtype)
-    assert sorted(opt.bigmodel_report.fused) == ["m.discriminator.0", "m.discriminator.2", "m.generator.0",
-                                                 "m.generator.2"]
-    assert type(opt.m["generator"][3]) is nn.Identity and type(opt.m["generator"][5]) is nn.Tanh
+    rep = opt.bigmodel_report
+    assert sorted(rep.fused) == ["m.discriminator.0", "m.discriminator.2", "m.generator.0", "m.generator.2",
+                                 "m.generator.4"]
+    assert rep.by_activation() == {"relu": 4, "tanh": 1}
+    assert type(opt.m["generator"][3]) is nn.Identity and type(opt.m["generator"][5]) is nn.Identity
 
 
 def test_functional_relus():

@@ -25,9 +25,8 @@ def _triton():
     return kernels
 
 
-def _check(input, weight, bias):
+def _check(input, weight, bias, where=_WHERE):
     """The errors F.linear gives, naming the shapes; raises before any kernel runs."""
-    where = _WHERE
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
