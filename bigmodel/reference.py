@@ -15,7 +15,8 @@ def ref_linear_relu(input, weight, bias=None):
 
 
 def ref_activation(z, activation, negative_slope=0.01, approximate="none"):
-    """The activation bigmodel.fused_linear applies, as torch's own function of that name."""
+    """The activation bigmodel.fused_linear applies: torch's own function of that name (with
+    GELU(+inf) = +inf in every dtype)."""
     if activation is None:
         return z
     if activation == "relu":
@@ -23,7 +24,8 @@ def ref_activation(z, activation, negative_slope=0.01, approximate="none"):
     if activation == "leaky_relu":
         return F.leaky_relu(z, negative_slope)
     if activation == "gelu":
-        return F.gelu(z, approximate=approximate)
+        # GELU(+inf) = +inf, as torch gives it in float64 and fp16 (its fp32/bf16 kernels say NaN).
+        return torch.where(z == math.inf, z, F.gelu(z, approximate=approximate))
     if activation == "silu":
         return F.silu(z)
     if activation == "tanh":

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bigmodel.reference import ref_attention, ref_linear_relu
+from bigmodel.reference import ref_activation, ref_attention, ref_fused_linear, ref_linear_relu
 from tolerances import FORWARD, assert_grads_match, assert_matches, magnitude, rms
 
 
@@ -155,3 +155,44 @@ def assert_attention_matches(out, q, k, v, grad=None, grads=None, what="", **kwa
     assert_matches(out, peer, out64, FORWARD, f"{what} output", accumulated=acc_out)
     if grads is not None:
         assert_grads_match(grads, peer_grads, grads64, ["dq", "dk", "dv"], what, accumulated=acc_grads)
+
+
+def fused_linear_truth_and_peer(x, w, b, grad, y, activation, negative_slope=0.01, approximate="none"):
+    """((out64, grads64), (out_peer, grads_peer)) for bigmodel.fused_linear's output ``y``: the
+    truth in float64, the peer torch's eager act(F.linear) in the inputs' dtype (its backward by
+    autograd, as eager runs it). Where the derivative jumps (ReLU, LeakyReLU at 0) both take the
+    branch from ``y``, for the reason linear_relu_grads gives."""
+    kink = activation in ("relu", "leaky_relu")
+    slope = 0.0 if activation == "relu" else negative_slope
+
+    def run(dtype):
+        leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+        out = ref_fused_linear(*leaves, activation, negative_slope, approximate)
+        if not kink:
+            live = [t for t in leaves if t is not None]
+            got = list(torch.autograd.grad(out, live, grad.to(dtype))) + [None]
+            return out.detach(), tuple(got[:3])
+        n, k = w.shape
+        m = math.prod(x.shape[:-1])
+        positive = ~(y.detach() <= 0) if slope >= 0 else F.linear(*leaves).detach() > 0
+        g = grad.detach().to(dtype)
+        dz = torch.where(positive, g, g * slope).reshape(m, n)  # slope as a Python float: no fp32 rounding
+        xs, ws = leaves[0].detach().reshape(m, k), leaves[1].detach()
+        return out.detach(), ((dz @ ws).reshape(x.shape), dz.t() @ xs, dz.sum(0) if b is not None else None)
+
+    return run(torch.float64), run(x.dtype)
+
+
+def assert_fused_linear_matches(y, x, w, b, activation, negative_slope=0.01, approximate="none", grad=None,
+                                grads=None, what=""):
+    """The house rule for bigmodel.fused_linear's output and, when given, its gradients
+    ``grads`` = {'x' | 'w' | 'b': tensor} for the upstream gradient ``grad``."""
+    (out64, grads64), (peer, peer_grads) = fused_linear_truth_and_peer(
+        x, w, b, y if grad is None else grad, y, activation, negative_slope, approximate)
+    assert y.shape == out64.shape and y.dtype == x.dtype, f"{what}: {tuple(y.shape)} {y.dtype}"
+    assert_matches(y, peer, out64, FORWARD, f"{what} forward")
+    if grads:
+        index = {"x": 0, "w": 1, "b": 2}
+        names = sorted(grads, key=index.get)
+        assert_grads_match([grads[n] for n in names], [peer_grads[index[n]] for n in names],
+                           [grads64[index[n]] for n in names], [f"grad_{n}" for n in names], what)

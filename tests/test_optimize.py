@@ -10,7 +10,7 @@ from torch import nn
 
 import bigmodel
 from examples.seed import Classifier as SeedClassifier
-from bigmodel.nn import FusedLinearReLU, MultiheadAttention
+from bigmodel.nn import FusedLinear, FusedLinearReLU, MultiheadAttention
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=3e-5, rtol=3e-4)}
 
@@ -216,6 +216,66 @@ def test_transformer_encoder(batch_first, masks, norm_first):
     x = torch.randn(shape, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(opt(x), Wrap(model)(x), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("activation,name", [("gelu", "gelu"), (nn.GELU(approximate="tanh"), "gelu"),
+                                             (nn.SiLU(), "silu"), (F.relu, "relu")], ids=["gelu", "GELU-tanh", "SiLU", "relu"])
+def test_transformer_layer_activations_from_the_rule_table(activation, name):
+    layer = nn.TransformerEncoderLayer(16, 4, 24, dropout=0.0, activation=activation, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    opt = check_equivalent(model, lambda dt: [torch.randn(3, 9, 16, dtype=dt, requires_grad=True)])
+    assert opt.bigmodel_report.by_activation() == {name: 2}
+    assert type(opt.layers[0].linear1) in (FusedLinear, FusedLinearReLU)
+    check_state_dict_round_trip(model, opt)
+    model.eval(), opt.eval()
+    x = torch.randn(3, 9, 16, dtype=torch.float64)
+    with torch.no_grad():  # the inference fast path, where torch takes it
+        torch.testing.assert_close(opt(x), model(x), **TOL[torch.float64])
+
+
+ACTIVATION_MODULES = [(nn.ReLU(), "relu"), (nn.LeakyReLU(0.2), "leaky_relu"), (nn.GELU(), "gelu"),
+                      (nn.SiLU(), "silu"), (nn.Tanh(), "tanh"), (nn.Sigmoid(), "sigmoid")]
+
+
+@pytest.mark.parametrize("act,name", ACTIVATION_MODULES, ids=[n for _, n in ACTIVATION_MODULES])
+def test_every_activation_module_is_fused_in_sequential_and_traced_forwards(act, name):
+    class Traced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(7, 9), copy.deepcopy(act), nn.Linear(9, 3)
+
+        def forward(self, x):
+            return self.out(self.act(self.fc(x)))
+
+    model = nn.ModuleDict({"seq": nn.Sequential(nn.Linear(5, 7), copy.deepcopy(act)), "traced": Traced()})
+
+    class Both(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m["traced"](self.m["seq"](x))
+
+    opt = check_equivalent(Both(model), lambda dt: [torch.randn(4, 5, dtype=dt, requires_grad=True)])
+    rep = opt.bigmodel_report
+    assert sorted(rep.fused) == ["m.seq.0", "m.traced.fc"] and rep.by_activation() == {name: 2}
+    assert type(opt.m["seq"][1]) is nn.Identity and type(opt.m["traced"].act) is nn.Identity
+    check_state_dict_round_trip(Both(model), opt)
+
+
+def test_activations_in_code_other_than_relu_are_not_fused_and_say_why():
+    class Code(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            return torch.tanh(self.b(F.gelu(self.a(x))))
+
+    opt = check_equivalent(Code(), lambda dt: [torch.randn(3, 6, dtype=dt, requires_grad=True)])
+    assert opt.bigmodel_report.fused == [] and len(opt.bigmodel_report.not_fused) == 2
+    assert "would apply twice" in str(opt.bigmodel_report)
 
 
 def test_transformer_full_and_decoder():

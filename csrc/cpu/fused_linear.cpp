@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 #include <string>
 #include <tuple>
 
@@ -38,7 +39,8 @@ at::Tensor apply(Act act, const at::Tensor& z, double slope) {
   switch (act) {
     case Act::kNone: return z;
     case Act::kLeakyRelu: return at::leaky_relu(z, slope);
-    case Act::kGelu: return at::gelu(z, "none");
+    // GELU(+inf) = +inf, as torch gives it in float64 and fp16 (its fp32/bf16 kernels say NaN).
+    case Act::kGelu: return at::where(z == INFINITY, z, at::gelu(z, "none"));
     case Act::kGeluTanh: return at::gelu(z, "tanh");
     case Act::kSilu: return at::silu(z);
     case Act::kTanh: return at::tanh(z);
