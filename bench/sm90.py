@@ -241,6 +241,12 @@ def violations(results):
     return out
 
 
+def compile_and_check(jobs, which):
+    """Compile ``jobs`` with the Triton named ``which`` ('venv' or '3.6', see tritons()) and
+    return the violations (CI asserts there are none)."""
+    return violations(aot.run(jobs, triton_path=dict(tritons())[which]))
+
+
 def uncompiled(op, kernel, configs, jobs):
     """The configs of ``kernel`` that no job of ``jobs`` compiles (tests: nothing may be left out)."""
     def covers(job, c):

@@ -281,16 +281,15 @@ def _linear_relu_bwd_dw_kernel(
 
 def _check_dtypes_devices(where, named):
     # named: (name, tensor) pairs, the first one the reference; None entries are skipped.
-    first_name, first = named[0]
+    (first_name, first), others = named[0], [(n, t) for n, t in named[1:] if t is not None]
     if first.dtype not in DTYPES:
         raise TypeError(f"{where}: {first_name} must be float16, bfloat16 or float32; got {first.dtype}")
-    for name, t in named[1:]:
-        if t is None:
-            continue
-        if t.dtype != first.dtype:
-            raise TypeError(f"{where}: {name} dtype {t.dtype} does not match {first_name} dtype {first.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"{where}: {name} is on {t.device} but {first_name} is on {first.device}")
+    wrong = next(((n, t) for n, t in others if t.dtype != first.dtype), None)
+    if wrong:
+        raise TypeError(f"{where}: {wrong[0]} dtype {wrong[1].dtype} does not match {first_name} dtype {first.dtype}")
+    elsewhere = next(((n, t) for n, t in others if t.device != first.device), None)
+    if elsewhere:
+        raise ValueError(f"{where}: {elsewhere[0]} is on {elsewhere[1].device} but {first_name} is on {first.device}")
 
 
 def _check_fwd(x, weight, bias, where="bigmodel linear_relu forward"):

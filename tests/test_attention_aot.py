@@ -7,15 +7,13 @@ the variant says so (bench/sm90.py; the machinery is bench/aot.py)."""
 import pytest
 import torch
 
-from bench import aot, sm90
+from bench import sm90
 from bigmodel.kernels import attention as A
 
 
 @pytest.mark.parametrize("which", ["venv", "3.6"])
 def test_attention_configs_compile_for_sm90(which):
-    path = dict(sm90.tritons())[which]
-    results = aot.run(sm90.attention_static_jobs() + sm90.attention_coverage_jobs(), triton_path=path)
-    problems = sm90.violations(results)
+    problems = sm90.compile_and_check(sm90.attention_static_jobs() + sm90.attention_coverage_jobs(), which)
     assert not problems, "\n".join(problems)
 
 

@@ -12,41 +12,16 @@ import math
 import pytest
 import torch
 
-from bigmodel.ops import _registry
 from bigmodel.reference import ref_attention
 from tolerances import FORWARD_FACTOR, assert_attention_grads, assert_flash_rule
+from triton_on_cpu import fixtures, use_variant
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*[Oo]verrid.*:UserWarning")
 
 VARIANTS = ("tma", "tma_ws")
 
 
-@pytest.fixture
-def kernels():
-    from bigmodel.kernels import attention
-
-    return attention
-
-
-@pytest.fixture
-def triton_on_cpu(kernels):
-    """bigmodel::attention on CPU tensors runs the Triton launchers (interpreter) for the test."""
-    if not _registry.has_ops():
-        pytest.skip("bigmodel._C is not built")
-    if not kernels.INTERPRETED:
-        pytest.skip("CPU tensors need TRITON_INTERPRET=1 (on a GPU the cuda-marked test runs the variants)")
-    lib = torch.library.Library("bigmodel", "IMPL")
-    lib.impl("attention", kernels.attention_fwd, "CPU")
-    lib.impl("attention_backward", kernels.attention_bwd, "CPU")
-    try:
-        yield
-    finally:
-        lib._destroy()
-
-
-def _use(monkeypatch, variant):
-    monkeypatch.setenv("BIGMODEL_TRITON_VARIANT", variant)
-    monkeypatch.setenv("BIGMODEL_AUTOTUNE", "0")
+kernels, triton_on_cpu = fixtures("attention")
 
 
 def _ran(kernels, variant, dtype, mask=None):
@@ -96,7 +71,7 @@ def _check(ours, q, k, v, grad, dtype, what, **kwargs):
 @pytest.mark.parametrize("causal", (False, True))
 def test_matches_float64(triton_on_cpu, kernels, monkeypatch, variant, dtype, causal):
     """GQA, odd lengths (edge tiles past L and S), padded head dims (24 -> 32, 40 -> 64)."""
-    _use(monkeypatch, variant)
+    use_variant(monkeypatch, variant)
     q, k, v = _inputs(2, 4, 2, 37, 45, 24, 40, dtype)
     grad = torch.randn(2, 4, 37, 40, dtype=dtype)
     ours = _op(q, k, v, grad, causal=causal)
@@ -115,7 +90,7 @@ def test_masks_and_dropout(triton_on_cpu, kernels, monkeypatch, variant):
     bool_mask[0, 1, 5] = False  # a fully masked row: output 0, gradient 0
     add_mask = torch.randn(1, 2, 33, 40, dtype=dtype)
     seed = torch.tensor([2**40 + 11, 2**33 + 3])
-    _use(monkeypatch, variant)
+    use_variant(monkeypatch, variant)
     ours_bool = _op(q, k, v, grad, mask=bool_mask)
     _ran(kernels, variant, dtype, bool_mask)
     ours_add = _op(q, k, v, grad, mask=add_mask)
@@ -141,7 +116,7 @@ def test_nan_reaches_exactly_what_it_touches(triton_on_cpu, kernels, monkeypatch
     q[0, 0, 3, 5] = float("nan")
     k[0, 1, 12, 2] = float("nan")
     grad = torch.randn(1, 2, 20, 16, dtype=torch.float16)
-    _use(monkeypatch, variant)
+    use_variant(monkeypatch, variant)
     ours = _op(q, k, v, grad, causal=True)
     _ran(kernels, variant, torch.float16)
     monkeypatch.setenv("BIGMODEL_TRITON_VARIANT", "plain")
@@ -157,7 +132,7 @@ def test_nan_reaches_exactly_what_it_touches(triton_on_cpu, kernels, monkeypatch
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_deterministic(triton_on_cpu, kernels, monkeypatch, variant):
     """Every output element has one writer (no atomics): bitwise the same on a rerun, GQA included."""
-    _use(monkeypatch, variant)
+    use_variant(monkeypatch, variant)
     q, k, v = _inputs(1, 4, 1, 24, 30, 16, 16, torch.float16)
     grad = torch.randn(1, 4, 24, 16, dtype=torch.float16)
     first, second = _op(q, k, v, grad, causal=True), _op(q, k, v, grad, causal=True)
@@ -184,7 +159,7 @@ def test_forced_variant_needs_tma_aligned_tensors(triton_on_cpu, monkeypatch):
 def test_cuda_variants_match_float64(monkeypatch, kernels, variant, dtype):
     """On the H200 (bench/device_check.sh): the compiled variants, warp specialisation included,
     at head dims 64 and 128, causal and not, GQA and dropout."""
-    _use(monkeypatch, variant)
+    use_variant(monkeypatch, variant)
     for d, causal, p in ((64, True, 0.0), (128, False, 0.0), (128, True, 0.1)):
         q, k, v = _inputs(2, 4, 2, 1000, 1000, d, d, dtype, "cuda")
         grad = torch.randn(2, 4, 1000, d, dtype=dtype, device="cuda")

@@ -5,15 +5,13 @@ so, warp specialisation where it says so (bench/sm90.py; the machinery is bench/
 import pytest
 import triton
 
-from bench import aot, sm90
+from bench import sm90
 from bigmodel.kernels import linear_relu as LR
 
 
 @pytest.mark.parametrize("which", ["venv", "3.6"])
 def test_linear_relu_configs_compile_for_sm90(which):
-    path = dict(sm90.tritons())[which]
-    results = aot.run(sm90.linear_relu_static_jobs() + sm90.linear_relu_coverage_jobs(), triton_path=path)
-    problems = sm90.violations(results)
+    problems = sm90.compile_and_check(sm90.linear_relu_static_jobs() + sm90.linear_relu_coverage_jobs(), which)
     assert not problems, "\n".join(problems)
 
 

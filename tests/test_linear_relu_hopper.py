@@ -8,40 +8,15 @@ exercised). Accuracy: the house rule (tests/tolerances.py) against torch's same-
 import pytest
 import torch
 
-from bigmodel.ops import _registry
 from tolerances import FORWARD_FACTOR, assert_flash_rule
+from triton_on_cpu import fixtures, use_variant
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*[Oo]verrid.*:UserWarning")
 
 VARIANTS = ("tma", "tma_ws")
 
 
-@pytest.fixture
-def kernels():
-    from bigmodel.kernels import linear_relu
-
-    return linear_relu
-
-
-@pytest.fixture
-def triton_on_cpu(kernels):
-    """bigmodel::linear_relu on CPU tensors runs the Triton launchers (interpreter) for the test."""
-    if not _registry.has_ops():
-        pytest.skip("bigmodel._C is not built")
-    if not kernels.INTERPRETED:
-        pytest.skip("CPU tensors need TRITON_INTERPRET=1 (on a GPU the cuda-marked test runs the variant)")
-    lib = torch.library.Library("bigmodel", "IMPL")
-    lib.impl("linear_relu", kernels.linear_relu_fwd, "CPU")
-    lib.impl("linear_relu_backward", kernels.linear_relu_bwd, "CPU")
-    try:
-        yield
-    finally:
-        lib._destroy()
-
-
-def _use(monkeypatch, variant):
-    monkeypatch.setenv("BIGMODEL_TRITON_VARIANT", variant)
-    monkeypatch.setenv("BIGMODEL_AUTOTUNE", "0")
+kernels, triton_on_cpu = fixtures("linear_relu")
 
 
 def _torch(x, w, b):
@@ -54,7 +29,7 @@ def _torch(x, w, b):
 def test_matches_float64(triton_on_cpu, kernels, monkeypatch, variant, dtype, M, N, K):
     """Edge tiles in M, N and K (tiles of 32), more tiles than programs; NaN in one input row
     reaches exactly that output row; the backward (pointer kernels) sees the variant's output."""
-    _use(monkeypatch, variant)
+    use_variant(monkeypatch, variant)
     x = torch.randn(M, K, dtype=dtype)
     w = torch.randn(N, K, dtype=dtype) / K**0.5
     b = torch.randn(N, dtype=dtype)
@@ -73,7 +48,7 @@ def test_matches_float64(triton_on_cpu, kernels, monkeypatch, variant, dtype, M,
 def test_no_bias_and_empty_reduction(triton_on_cpu, monkeypatch):
     """Without a bias; and K = 0, which TMA cannot address: relu(bias) from the pointer kernel
     even when a variant is forced."""
-    _use(monkeypatch, "tma")
+    use_variant(monkeypatch, "tma")
     x, w = torch.randn(40, 32), torch.randn(24, 32)
     torch.testing.assert_close(torch.ops.bigmodel.linear_relu(x, w, None), _torch(x, w, None), rtol=1e-5, atol=1e-5)
     b = torch.randn(24)
@@ -82,7 +57,7 @@ def test_no_bias_and_empty_reduction(triton_on_cpu, monkeypatch):
 
 
 def test_deterministic(triton_on_cpu, monkeypatch):
-    _use(monkeypatch, "tma_ws")
+    use_variant(monkeypatch, "tma_ws")
     x, w, b = torch.randn(100, 48, dtype=torch.float16), torch.randn(40, 48, dtype=torch.float16), None
     assert torch.equal(torch.ops.bigmodel.linear_relu(x, w, b), torch.ops.bigmodel.linear_relu(x, w, b))
 
@@ -135,7 +110,7 @@ def test_launcher_checks_its_arguments(triton_on_cpu, kernels, call, error, word
 def test_cuda_variants_match_float64(monkeypatch, kernels, variant, dtype):
     """On the H200 (bench/device_check.sh): the compiled persistent kernel, warp-specialised or
     not, at the MLP's shapes and an odd one."""
-    _use(monkeypatch, variant)
+    use_variant(monkeypatch, variant)
     for M, N, K in ((4096, 512, 784), (1023, 264, 136)):
         x = torch.randn(M, K, dtype=dtype, device="cuda")
         w = torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5
