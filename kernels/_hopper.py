@@ -80,14 +80,16 @@ def select(configs, family, warp_specialize=True):
 
 
 def _tma_ready(t):
-    # TMA reads a tile row by row: unit stride along the last dim, 16-byte aligned base and
-    # row/batch strides (dims of size 1 are never stepped over, so their strides don't count).
+    # The kernels describe each (rows, last dim) matrix of t to the TMA engine: unit stride along
+    # the last dim, a positive 16-byte multiple between rows (whatever the row count: the
+    # descriptor encodes it), and a 16-byte aligned base for every matrix (so the leading dims'
+    # strides, zero for a broadcast dim, must be 16-byte multiples too).
     elt = t.element_size()
-    if t.data_ptr() % 16:
+    if t.data_ptr() % 16 or (t.shape[-1] > 1 and t.stride(-1) != 1):
         return False
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
+    if t.stride(-2) <= 0 or t.stride(-2) * elt % 16:
         return False
-    return all(n == 1 or (s > 0 and s * elt % 16 == 0) for n, s in zip(t.shape[:-1], t.stride()[:-1]))
+    return all(n == 1 or s * elt % 16 == 0 for n, s in zip(t.shape[:-2], t.stride()[:-2]))
 
 
 _CAPABILITY = {}

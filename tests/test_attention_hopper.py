@@ -141,6 +141,19 @@ def test_deterministic(triton_on_cpu, kernels, monkeypatch, variant):
         assert torch.equal(a, b)
 
 
+def test_broadcast_and_strided_inputs(triton_on_cpu, kernels, monkeypatch):
+    """Descriptors over views: keys/values broadcast over heads (stride 0, as SDPA's layout
+    mapping hands them over) and a (B, L, H, E) query read in place through its transpose."""
+    use_variant(monkeypatch, "tma")
+    dtype = torch.float16
+    q = torch.randn(2, 21, 3, 16, dtype=dtype).transpose(1, 2)
+    k, v = (torch.randn(2, 1, 19, 16, dtype=dtype).expand(2, 3, 19, 16) for _ in range(2))
+    grad = torch.randn(2, 3, 21, 16, dtype=dtype)
+    ours = _op(q, k, v, grad, causal=True)
+    _ran(kernels, "tma", dtype)
+    _check(ours, q, k, v, grad, dtype, "broadcast", causal=True)
+
+
 def test_forced_variant_needs_tma_aligned_tensors(triton_on_cpu, monkeypatch):
     """Head dim 7 in fp32: 28-byte rows, which TMA cannot address; 'auto' falls back silently
     (tests/test_attention.py), a forced variant says why it cannot run."""
