@@ -68,3 +68,19 @@ def test_table_marks_disagreements():
         r["job"].update(op="attention", part="fwd", head_dim=128, constexprs=dict(BLOCK_M=128, BLOCK_N=64, TMA=True))
     _, body = sm90.table({"3.6": [a], "venv": [b]})
     assert "| 168 / 170 |" in body and "| 0/0 |" in body
+
+
+def test_configs_needing_a_missing_feature_are_skipped(monkeypatch):
+    """On a Triton without warp specialisation (or descriptors) the autotuners never see the
+    configs that need it, and say so in _hopper.SKIPPED."""
+    from bigmodel.kernels import _hopper
+    from bigmodel.kernels import attention as A
+
+    monkeypatch.setattr(_hopper, "HAS_WARP_SPECIALIZE", False)
+    monkeypatch.setattr(_hopper, "SKIPPED", [])
+    kept = _hopper.supported("fwd", A.sm90_configs("fwd"))
+    assert kept and not any(c.kwargs["WS"] for c in kept) and any(c.kwargs["TMA"] for c in kept)
+    assert _hopper.SKIPPED and all("warp_specialize" in why for _, _, why in _hopper.SKIPPED)
+    monkeypatch.setattr(_hopper, "HAS_TENSOR_DESCRIPTORS", False)
+    assert not any(c.kwargs["TMA"] for c in _hopper.supported("fwd", A.sm90_configs("fwd")))
+    assert _hopper.missing_features(tma=True) == ["tl.make_tensor_descriptor"]
