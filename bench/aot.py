@@ -6,9 +6,10 @@ A *job* is a dict naming one kernel and one specialisation of it:
 -> element type), ``ones`` (int arguments equal to 1, as Triton specialises unit strides),
 ``int64`` (int arguments passed as 64-bit), ``constexprs``, ``num_warps``, ``num_stages``, a
 ``label`` and ``needs`` (the Hopper features it uses: a Triton lacking one skips the job, as the
-autotuner skips the config). :func:`run` compiles jobs in worker processes (never under TRITON_INTERPRET, whose
-jit objects cannot be compiled), optionally with another Triton first on the path (the H200's
-3.6 from a side folder), and returns per job ``error``, ``skipped`` or ``facts``:
+autotuner skips the config). :func:`run` compiles jobs in worker processes (never under
+TRITON_INTERPRET, whose jit objects cannot be compiled), optionally with another Triton first on
+the path (the H200's 3.6 from a side folder), and returns per job ``error``, ``skipped`` or
+``facts``:
 
   regs, spill_stores, spill_loads, stack   from ``ptxas -v --gpu-name sm_90a`` (Triton's own
                                            ptxas, so the figures are the ones the GPU will run)
@@ -16,7 +17,7 @@ jit objects cannot be compiled), optionally with another Triton first on the pat
   threads                                  threads per CTA (warp-specialised kernels add warps)
   wgmma, mma_sync                          PTX wgmma.mma_async / mma.sync instructions
   hgmma, hmma                              SASS HGMMA / HMMA instructions (cuobjdump)
-  tma                                      PTX cp.async.bulk.tensor instructions (TMA copies)
+  tma, utma                                PTX cp.async.bulk.tensor / SASS UTMALDG+UTMASTG (TMA)
   ctas_per_sm                              the occupancy the registers, threads and shared
                                            memory allow on an sm_90 SM
 
