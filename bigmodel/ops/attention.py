@@ -10,12 +10,12 @@ import math
 import torch
 
 from bigmodel import backend
+from bigmodel.kernels._common import CPU_DTYPES
 from bigmodel.ops import _registry
 from bigmodel.reference import ref_attention
 
 _NAME = "attention"
 _WHERE = "bigmodel.scaled_dot_product_attention"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _triton():
@@ -55,7 +55,7 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale):
             raise TypeError(f"{_WHERE}: query, key and value must have the same dtype; got query "
                             f"{query.dtype} and {name} {t.dtype}")
     dtype = cast or query.dtype
-    if dtype not in _DTYPES or (dtype == torch.float64 and query.device.type == "cuda"):
+    if dtype not in CPU_DTYPES or (dtype == torch.float64 and query.device.type == "cuda"):
         raise TypeError(f"{_WHERE}: dtype {dtype} is not supported on {query.device.type}")
     if attn_mask is not None:
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype) and not (

@@ -10,12 +10,12 @@ import math
 import torch
 
 from bigmodel import backend
+from bigmodel.kernels._common import CPU_DTYPES
 from bigmodel.ops import _registry
 from bigmodel.reference import ref_linear_relu
 
 _NAME = "linear_relu"
 _WHERE = "bigmodel.linear_relu"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _triton():
@@ -55,7 +55,7 @@ def _check(input, weight, bias, where=_WHERE):
     if not input.is_floating_point():
         raise TypeError(f"{where}: expected a floating point input, got {input.dtype}")
     dtype = cast or input.dtype
-    if dtype not in _DTYPES or (dtype == torch.float64 and input.device.type == "cuda"):
+    if dtype not in CPU_DTYPES or (dtype == torch.float64 and input.device.type == "cuda"):
         raise TypeError(f"{where}: dtype {dtype} is not supported on {input.device.type}")
 
 
