@@ -10,18 +10,23 @@ followed by an activation child) and for nn.TransformerEncoderLayer/DecoderLayer
 the layer's activation). Any other module that owns a Linear or an activation child has its
 forward traced with torch.fx, one level deep (children are leaves), in train and in eval mode: a
 Linear is fused when every call of it feeds its output only into one and the same activation. The
-module's code is never rewritten: the Linear child becomes a FusedLinear sharing its Parameter
-objects, and an activation module whose every call follows a fused Linear becomes nn.Identity (a
-Transformer layer's activation function, the identity function). An activation that lives in
-code (F.relu, torch.relu) can stay only where applying it twice changes nothing: ReLU, whose
-second application runs on an output that is already >= 0 (same values, same gradients, and
-torch.compile fuses it away). An in-place ReLU that has to stay would write into the fused op's
-saved output, so that Linear is not fused; nor is a Linear followed by another activation in code
-(it would apply twice). Modules whose forward cannot be traced are left as they were; their
-children are still visited.
+module's code is not edited: the Linear child becomes a FusedLinear sharing its Parameter objects,
+and an activation module whose every call follows a fused Linear becomes nn.Identity (a
+Transformer layer's activation function, the identity function). An activation that lives in code
+(F.relu, torch.relu) can stay only where applying it twice changes nothing: ReLU, whose second
+application runs on an output that is already >= 0 (same values, same gradients, and
+torch.compile fuses it away). Any other activation in code (F.gelu, torch.tanh, Tensor.sigmoid,
+...) is taken out of the instance's forward instead: where the module traces to the same graph in
+train and eval mode, its forward becomes that fx graph without the call (_FusedForward; the class,
+parameters and state_dict are unchanged, and the module still copies and pickles). Where it
+cannot, or where an in-place ReLU would stay and write into the fused op's saved output, that
+Linear is not fused, and the report says why. Modules whose forward cannot be traced are left as
+they were; their children are still visited.
 """
 import copy
+import importlib
 import logging
+import types
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -84,6 +89,7 @@ FUNCTION_RULES = {
     F.leaky_relu_: ("leaky_relu", lambda n: (("negative_slope", float(_arg(n, 1, "negative_slope", 0.01))),),
                     lambda n: True),
     F.gelu: ("gelu", lambda n: (("approximate", _arg(n, 1, "approximate", "none")),), lambda n: False),
+    torch._C._nn.gelu: ("gelu", lambda n: (("approximate", _arg(n, 1, "approximate", "none")),), lambda n: False),
     F.silu: ("silu", lambda n: (), lambda n: bool(_arg(n, 1, "inplace", False))),
     torch.tanh: ("tanh", lambda n: (), lambda n: False),
     torch.tanh_: ("tanh", lambda n: (), lambda n: True),
@@ -144,6 +150,8 @@ class OptimizeReport:
         not_fused: ``(name, reason)`` for Linears followed by an activation that could not be fused.
         not_traced: ``(name, reason)`` for modules owning a Linear or an activation whose forward
             torch.fx could not trace; they were left as they were.
+        rewritten: modules whose forward called an activation in code (F.gelu, torch.tanh, ...)
+            after a fused Linear: their instance's forward is now their fx graph without it.
     """
 
     fused: list = field(default_factory=list)
@@ -152,6 +160,7 @@ class OptimizeReport:
     attention: list = field(default_factory=list)
     not_fused: list = field(default_factory=list)
     not_traced: list = field(default_factory=list)
+    rewritten: list = field(default_factory=list)
 
     def by_activation(self):
         """{activation: how many Linears were fused with it}."""
@@ -171,6 +180,8 @@ class OptimizeReport:
             lines.append(f"  activation -> identity: {names(self.activations_removed)}")
         if self.attention:
             lines.append(f"  MultiheadAttention -> bigmodel.nn.MultiheadAttention: {names(self.attention)}")
+        if self.rewritten:
+            lines.append(f"  forward without the fused activation calls (fx): {names(self.rewritten)}")
         for name, why in self.not_fused:
             lines.append(f"  not fused: {name or '<root>'}: {why}")
         for name, why in self.not_traced:
@@ -289,6 +300,7 @@ class _Sites:
         self.linear = defaultdict(list)  # id(Linear) -> [the Activation that alone consumes it, or None]
         self.act = defaultdict(list)     # id(activation module) -> [the Linear object feeding it, or None]
         self.transformer = {}            # id(Linear) -> the Transformer layer whose activation follows it
+        self.graphs = {}                 # id(traced parent) -> its (train, eval) fx graphs
         self.analysed = set()            # id(parent) whose calls of its children are all known
 
     def add_graph(self, module, graph):
@@ -350,6 +362,7 @@ def _analyse(model, names, report):
                 continue
             for g in graphs:
                 sites.add_graph(module, g)
+            sites.graphs[id(module)] = graphs
         sites.analysed.add(id(module))
     return sites
 
@@ -382,23 +395,30 @@ def _fuse_linear_activation(model, names, report):
     # A Linear stays unfused where its activation would remain and apply twice (another activation
     # in code, or a module that cannot go) or would run in place on the fused output. Repeat: an
     # unfused Linear can keep an activation module that another Linear relied on losing.
+    # Activations in code that cannot stay (not ReLU) are taken out of the parent's forward: its
+    # fx graph without them becomes the instance's forward (see _FusedForward), where the graph
+    # is the same in train and eval mode and can be written back as code.
+    rewrite = {key for key, calls in candidates.items()
+               if any(c.module is None and not c.idempotent for c in calls) and key not in sites.transformer
+               and _rewritable(sites.graphs.get(id(refs[key][0][0])))}
     fused = set(candidates)
     while True:
         removable = removable_modules(fused)
         drop = {}
         for key in fused:
             for c in candidates[key]:
-                stays = c.module is None and key not in sites.transformer or (
+                stays = c.module is None and key not in sites.transformer and key not in rewrite or (
                     c.module is not None and id(c.module) not in removable)
                 if stays and not c.idempotent:
                     drop[key] = f"{c.name} {'in code' if c.module is None else 'module used elsewhere'} " \
-                                f"would apply twice"
+                                f"would apply twice (the forward could not be rewritten)"
                 elif stays and c.inplace:
                     drop[key] = f"in-place {c.name} that stays would write into the fused output"
         if not drop:
             break
         fused -= set(drop)
         report.not_fused += [(names.get(k, "?"), why) for k, why in drop.items()]
+    rewrite &= fused
 
     for key in sorted(fused, key=lambda k: names.get(k, "")):
         (parent, attr), = refs[key]
@@ -414,9 +434,104 @@ def _fuse_linear_activation(model, names, report):
         if layer is not None and not act.idempotent:
             layer.activation = _identity
             report.activations_removed.append(names.get(id(layer), "?") + ".activation")
+    by_parent = defaultdict(set)
+    for key in rewrite:
+        by_parent[id(refs[key][0][0])].add(refs[key][0][1])
+    for parent_id, attrs in by_parent.items():
+        parent = objects[parent_id]
+        parent.forward = _FusedForward.from_graph(parent, sites.graphs[parent_id][0], attrs)
+        report.rewritten.append(names.get(parent_id, "?"))
     for key in sorted(removable, key=lambda k: names.get(k, "")):
         identity = nn.Identity()
         identity.training = objects[key].training
         for parent, attr in refs[key]:
             setattr(parent, attr, identity)
         report.activations_removed.append(names.get(key, "?"))
+
+
+# -----------------------------------------------------------------------------------------------
+# Forwards rewritten without the activation calls that moved into fused Linears.
+
+
+def _rewritable(graphs):
+    """Whether a traced forward can become code again: the same graph in train and eval mode."""
+    if graphs is None:
+        return False
+    train, eval_ = (g.python_code("self").src for g in graphs)
+    return train == eval_ and _portable_globals(graphs[0]) is not None
+
+
+def _portable_globals(graph):
+    """The generated code's globals as (kind, ...) specs that survive pickling, or None."""
+    specs = {}
+    for name, value in graph.python_code("self").globals.items():
+        if name.startswith("__"):
+            continue
+        if isinstance(value, types.ModuleType):
+            spec = ("module", value.__name__)
+        elif value is type(None):
+            spec = ("none-type",)
+        elif isinstance(value, (int, float, str, type(None))):
+            spec = ("value", value)
+        elif getattr(value, "__module__", None) and getattr(value, "__qualname__", None):
+            spec = ("attr", value.__module__, value.__qualname__)
+        else:
+            return None
+        try:
+            if _resolve(spec) is not value and spec[0] != "value":
+                return None
+        except (ImportError, AttributeError):
+            return None
+        specs[name] = spec
+    return specs
+
+
+def _resolve(spec):
+    if spec[0] == "none-type":
+        return type(None)
+    if spec[0] == "module":
+        return importlib.import_module(spec[1])
+    if spec[0] == "value":
+        return spec[1]
+    obj = importlib.import_module(spec[1])
+    for part in spec[2].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _FusedForward:
+    """A module instance's forward generated by torch.fx from its traced graph, with the activation
+    calls that follow fused Linears taken out (they now run inside the Linears). The module's class,
+    parameters and state_dict are untouched; it copies (copy.deepcopy) and pickles with its module.
+    """
+
+    def __init__(self, code, specs):
+        self.code, self.specs = code, specs
+        scope = {name: _resolve(spec) for name, spec in specs.items()}
+        exec(compile(code, "<bigmodel.optimize fused forward>", "exec"), scope)  # noqa: S102
+        self._fn = scope["forward"]
+        self.module = None
+
+    @classmethod
+    def from_graph(cls, module, graph, linear_attrs):
+        """``module``'s ``graph`` without the activation that alone follows each Linear child named
+        in ``linear_attrs``; the result is bound to ``module``."""
+        graph = copy.deepcopy(graph)
+        for node in list(graph.nodes):
+            if node.op == "call_module" and node.target in linear_attrs:
+                (act,) = node.users
+                act.replace_all_uses_with(node)
+                graph.erase_node(act)
+        graph.lint()
+        fused = cls(graph.python_code("self").src, _portable_globals(graph))
+        fused.module = module
+        return fused
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return (_FusedForward, (self.code, self.specs), {"module": self.module})
+
+    def __setstate__(self, state):
+        self.module = state["module"]

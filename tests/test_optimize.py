@@ -264,18 +264,57 @@ def test_every_activation_module_is_fused_in_sequential_and_traced_forwards(act,
     check_state_dict_round_trip(Both(model), opt)
 
 
-def test_activations_in_code_other_than_relu_are_not_fused_and_say_why():
-    class Code(nn.Module):
+class Code(nn.Module):
+    """Every activation in code, in place too: F.leaky_relu, F.gelu, F.silu, torch.tanh, Tensor.sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = (nn.Linear(6, 6) for _ in range(5))
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.a(x), 0.2)
+        x = F.gelu(self.b(x), approximate="tanh")
+        x = F.silu(self.c(x), inplace=True)
+        x = torch.tanh(self.d(x))
+        return self.out(self.e(x).sigmoid()) + x.sum()
+
+
+def test_activations_in_code_are_fused_by_rewriting_the_instance_forward():
+    opt = check_equivalent(Code(), lambda dt: [torch.randn(3, 6, dtype=dt, requires_grad=True)])
+    rep = opt.bigmodel_report
+    assert rep.by_activation() == {"leaky_relu": 1, "gelu": 1, "silu": 1, "tanh": 1, "sigmoid": 1}
+    assert rep.rewritten == [""] and type(opt) is Code and opt.b.approximate == "tanh" and opt.a.negative_slope == 0.2
+    check_state_dict_round_trip(Code(), opt)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    for copied in (copy.deepcopy(opt), _saved_and_loaded(opt)):
+        assert copied.forward.module is copied
+        torch.testing.assert_close(copied(x), opt(x))
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(opt, fullgraph=True, backend="aot_eager")(x), opt(x))
+
+
+def _saved_and_loaded(model):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_activations_in_code_left_where_the_forward_differs_by_mode():
+    class Branchy(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.a = nn.Linear(6, 6)
 
         def forward(self, x):
-            return torch.tanh(self.b(F.gelu(self.a(x))))
+            y = torch.tanh(self.a(x))
+            return y * 2 if self.training else y
 
-    opt = check_equivalent(Code(), lambda dt: [torch.randn(3, 6, dtype=dt, requires_grad=True)])
-    assert opt.bigmodel_report.fused == [] and len(opt.bigmodel_report.not_fused) == 2
-    assert "would apply twice" in str(opt.bigmodel_report)
+    opt = check_equivalent(Branchy(), lambda dt: [torch.randn(3, 6, dtype=dt, requires_grad=True)])
+    assert opt.bigmodel_report.fused == [] and "would apply twice" in str(opt.bigmodel_report)
 
 
 def test_transformer_full_and_decoder():
