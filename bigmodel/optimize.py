@@ -1,7 +1,7 @@
 """bigmodel.optimize(model): swap torch layers for bigmodel's and fuse Linear + activation, in
 place of rewriting the model.
 
-The fusions are data: FUSIONS maps each activation torch spells as a module, a function or a
+The fusions are data: MODULE_RULES, FUNCTION_RULES and METHOD_RULES map each activation torch spells as a module, a function or a
 Tensor method (ReLU, LeakyReLU, GELU, SiLU, Tanh, Sigmoid) to the bigmodel.fused_linear activation
 it is, with how to read its arguments and whether a call is in place.
 
