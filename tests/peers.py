@@ -35,14 +35,6 @@ def linear_relu_grads(y, grad, x, w, b=None, dtype=torch.float64):
     return (gz @ w2).reshape(x.shape), gz.t() @ x2, grad_b
 
 
-def linear_relu_truth_and_peer(x, w, b, grad, y):
-    """((out64, grads64), (out_peer, grads_peer)) for bigmodel.linear_relu's output ``y``."""
-    out64 = ref_linear_relu(*_detached(torch.float64, x, w, b))
-    peer = ref_linear_relu(*_detached(x.dtype, x, w, b))
-    return ((out64, linear_relu_grads(y, grad, x, w, b)),
-            (peer, linear_relu_grads(y, grad, x, w, b, dtype=x.dtype)))
-
-
 def _flash_backward(q, k, v, out, grad, attn_mask, is_causal, scale, enable_gqa, dropout_p, keep):
     """(dq, dk, dv) the way FlashAttention (and torch's CPU flash kernel) computes them, in torch
     ops at torch's accumulation precision (fp32 for 16-bit inputs, fp64 for fp64), rounded once to
@@ -110,14 +102,7 @@ def attention_truth_and_peer(q, k, v, grad, attn_mask=None, is_causal=False, sca
 def assert_linear_relu_matches(y, x, w, b, grad=None, grads=None, what=""):
     """The house rule for bigmodel.linear_relu's output ``y`` and, when given, its gradients
     ``grads`` = {'x' | 'w' | 'b': tensor} for the upstream gradient ``grad``."""
-    (out64, grads64), (peer, peer_grads) = linear_relu_truth_and_peer(x, w, b, y if grad is None else grad, y)
-    assert y.shape == out64.shape and y.dtype == x.dtype, f"{what}: {tuple(y.shape)} {y.dtype}"
-    assert_matches(y, peer, out64, FORWARD, f"{what} forward")
-    if grads:
-        index = {"x": 0, "w": 1, "b": 2}
-        names = sorted(grads, key=index.get)
-        assert_grads_match([grads[n] for n in names], [peer_grads[index[n]] for n in names],
-                           [grads64[index[n]] for n in names], [f"grad_{n}" for n in names], what)
+    assert_fused_linear_matches(y, x, w, b, "relu", grad=grad, grads=grads, what=what)
 
 
 def _arithmetic_scales(out64, grads64, q, k, v, grad, attn_mask, scale, enable_gqa):

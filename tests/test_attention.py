@@ -4,7 +4,6 @@ tests/paths.py), against the float64 reference by the house rule (tests/toleranc
 at most 2x (gradients 3x) the error of torch's own SDPA in the same dtype, plus a small floor.
 The tests marked cuda repeat the checks at real sizes in bf16/fp16/fp32 on the H200.
 """
-import contextlib
 import math
 import os
 import subprocess
@@ -21,7 +20,7 @@ from bigmodel.ops import attention as attn_ops
 from bigmodel.reference import ref_attention
 from error_table import check_row, rows_of
 from far_apart import GAP, far_apart, small_footprint  # noqa: F401  (a fixture)
-from paths import PATHS, TRITON_DTYPES, on
+from paths import PATHS, TRITON_DTYPES, deterministic, on
 from peers import assert_attention_matches
 from tolerances import max_err
 
@@ -455,16 +454,6 @@ def test_reference_backend_dropout_is_reproducible():
 # Determinism, threads, offsets past 2**31, other instruction sets, memory.
 
 
-@contextlib.contextmanager
-def _deterministic():
-    old, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old, warn_only=old_warn)
-
-
 @pytest.mark.parametrize("path,dtype", [("cpp", torch.float32), ("cpp", torch.bfloat16),
                                         ("triton", torch.float32), ("triton", torch.float16)], ids=str)
 def test_bitwise_deterministic_run_to_run(path, dtype):
@@ -479,7 +468,7 @@ def test_bitwise_deterministic_run_to_run(path, dtype):
             out = bigmodel.scaled_dot_product_attention(*leaves, attn_mask=mask, enable_gqa=True)
             return out, *torch.autograd.grad(out, leaves, grad)
 
-    with _deterministic():
+    with deterministic():
         first, second = run(), run()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 

@@ -17,7 +17,7 @@ from bigmodel.ops import _registry
 from bigmodel.reference import ref_linear_relu
 from error_table import check_row, rows_of
 from far_apart import GAP, far_apart, small_footprint  # noqa: F401  (a fixture)
-from paths import PATHS, on
+from paths import PATHS, deterministic, on
 from peers import assert_linear_relu_matches, linear_relu_grads
 
 # Triton under the interpreter costs ~ms per tile step: keep its shapes small.
@@ -182,16 +182,6 @@ def test_only_requested_gradients_are_computed():
     torch.testing.assert_close(gw, linear_relu_grads(y, torch.ones_like(y), x, w, b)[1])
 
 
-@contextlib.contextmanager
-def _deterministic():
-    old, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old, warn_only=old_warn)
-
-
 @pytest.mark.parametrize("path,dtype", [("cpp", torch.float32), ("cpp", torch.bfloat16),
                                         ("triton", torch.float32), ("triton", torch.float16)], ids=str)
 def test_bitwise_deterministic_run_to_run(path, dtype):
@@ -204,7 +194,7 @@ def test_bitwise_deterministic_run_to_run(path, dtype):
             y = bigmodel.linear_relu(x, w, b)
             return y, *torch.autograd.grad(y, (x, w, b), grad)
 
-    with _deterministic():
+    with deterministic():
         first, second = run(), run()
     assert all(torch.equal(a, c) for a, c in zip(first, second))
 
@@ -586,7 +576,7 @@ def test_cuda_bitwise_deterministic(dtype):
         y = bigmodel.linear_relu(x, w, b)
         return y, *torch.autograd.grad(y, (x, w, b), grad)
 
-    with _deterministic():
+    with deterministic():
         first, second = run(), run()
     assert all(torch.equal(a, c) for a, c in zip(first, second))
 

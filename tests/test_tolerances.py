@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bigmodel
-from peers import attention_truth_and_peer, linear_relu_truth_and_peer
+from peers import attention_truth_and_peer, fused_linear_truth_and_peer
 from tolerances import FORWARD, GRADIENT, check
 
 LOW = [torch.float16, torch.bfloat16]
@@ -24,7 +24,7 @@ def _linear(dtype, m=M, k=K, n=N):
     y = bigmodel.linear_relu(x, w, b)
     grad = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, w, b), grad)
-    (out64, grads64), (peer, peer_grads) = linear_relu_truth_and_peer(x, w, b, grad, y)
+    (out64, grads64), (peer, peer_grads) = fused_linear_truth_and_peer(x, w, b, grad, y, "relu")
     return dict(x=x, w=w, b=b, y=y.detach(), grads=grads, out64=out64, grads64=grads64, peer=peer,
                 peer_grads=peer_grads)
 
