@@ -6,7 +6,7 @@ STAMP := $(VENV)/.requirements.stamp
 BUILT := $(VENV)/.build.stamp
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/autograd/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cpp csrc/*.h csrc/cpu/*.h)
 
-.PHONY: setup build test test-fast bench bench-quick bench-readme device-dry-run clean
+.PHONY: setup build triton36 test bench bench-quick bench-readme device-dry-run clean
 
 setup: $(STAMP)
 $(STAMP): requirements.txt
@@ -21,8 +21,17 @@ $(BUILT): $(STAMP) $(SOURCES)
 	flock /tmp/bigmodel-build.lock env MAX_JOBS=$${MAX_JOBS:-$$(nproc)} $(VPY) -m pip install -q -e . --no-build-isolation --no-deps
 	touch $(BUILT)
 
+# The H200's Triton (3.6.0) in a side folder, never on the venv's path: the sm_90 AOT tests
+# (bench/sm90.py) compile every config with it as well as with the venv's.
+TRITON36 := $(VENV)/triton36
+triton36: $(TRITON36)/.stamp
+$(TRITON36)/.stamp: $(STAMP)
+	rm -rf $(TRITON36)
+	$(VPY) -m pip install -q --no-deps --target $(TRITON36) triton==3.6.0
+	touch $@
+
 # The whole suite: C++ engine, Triton kernels under the interpreter, sm_90 AOT compiles.
-test: build
+test: build triton36
 	$(VPY) -m pytest -q tests
 
 bench: build

@@ -146,7 +146,6 @@ setup(
     packages=_packages(),
     # kernels/ is Triton only and ships as bigmodel.kernels (never a top-level `kernels`).
     package_dir={"bigmodel.kernels": "kernels"},
-    package_data={"bigmodel": ["data/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

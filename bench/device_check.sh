@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The one script for the H200: build, CUDA tests, memcheck and racecheck, quick bench; within 9 minutes.
+# The one script for the H200: build, the autotuners' picks, CUDA tests, memcheck and racecheck, quick
+# bench; within 9 minutes.
 #
 #   bench/device_check.sh OUTDIR              on the GPU machine (its own python3, no network)
 #   bench/device_check.sh --dry-run OUTDIR    everything but the GPU parts, on the CPU
 #
 # Uses $PYTHON (default python3); never creates a venv or downloads anything. Writes at most 8
-# files into OUTDIR: build.log, tests.log, memcheck.log, bench.log, the bench CSV, its summary
-# and one plot. Each stage runs under `timeout`, so none can eat the others' time; the last
+# files into OUTDIR: build.log, picks.md, tests.log, memcheck.log, bench.log, the bench CSV, its
+# summary and one plot. Each stage runs under `timeout`, so none can eat the others' time; the last
 # thing printed is a short table of the stages (and before it the bench's own table).
 set -u -o pipefail
 
@@ -26,8 +27,10 @@ export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=1
 NPROC=$(nproc 2>/dev/null || echo 4)
 
-# Stage budgets (seconds); they add up to 530, under 9 minutes with the checks between them.
-T_BUILD=180 T_TESTS=120 T_MEMCHECK=60 T_RACECHECK=45 T_BENCH=125
+# Stage budgets (seconds); they add up to 530, under 9 minutes with the checks between them. The
+# picks stage compiles and autotunes the target shapes first (Triton caches both on disk), so
+# the tests and the bench after it mostly reuse its work.
+T_BUILD=170 T_PICKS=100 T_TESTS=100 T_MEMCHECK=45 T_RACECHECK=35 T_BENCH=80
 # The dry run checks the script, not the GPU machine's clock: a from-scratch build on 2 shared
 # cores takes far longer than on the H200's 16.
 [ $DRY -eq 1 ] && T_BUILD=900
@@ -75,7 +78,17 @@ if "$PY" -c "import bigmodel._C" >>"$BUILD_LOG" 2>&1; then B_NOTE="bigmodel._C i
 else B_NOTE="bigmodel._C does NOT import (C++ paths will fail)"; B_STATUS=FAIL; fi
 record build "$B_STATUS" "$B_SECS" "$B_NOTE"
 
-# ---- 2. the CUDA-marked tests (on CPU they are collected and skip) ---------------------------
+# ---- 2. the autotuners' picks per target shape, beside their static facts ---------------------
+PICKS=$OUTDIR/picks.md
+if [ $DRY -eq 1 ]; then
+    run_stage picks $T_PICKS "$BUILD_LOG" "$PY" -m bench.picks --dry-run --out "$PICKS"
+    record picks "$LAST_STATUS" "$LAST_SECS" "dry run: candidates and static facts, no timings"
+else
+    run_stage picks $T_PICKS "$BUILD_LOG" "$PY" -m bench.picks --time-limit $(( T_PICKS - 35 )) --out "$PICKS"
+    record picks "$LAST_STATUS" "$LAST_SECS" "$(grep -c '^| attention\|^| linear_relu' "$PICKS" 2>/dev/null) kernels in picks.md"
+fi
+
+# ---- 3. the CUDA-marked tests (on CPU they are collected and skip) ---------------------------
 TESTS_LOG=$OUTDIR/tests.log
 : >"$TESTS_LOG"
 run_stage tests $T_TESTS "$TESTS_LOG" "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -rfE
@@ -83,7 +96,7 @@ T_NOTE=$(grep -E "(passed|failed|skipped|error|deselected|no tests ran)" "$TESTS
 [ "$LAST_STATUS" = "FAIL(5)" ] && LAST_STATUS=ok  # 5 = no tests collected
 record tests "$LAST_STATUS" "$LAST_SECS" "${T_NOTE:-see tests.log}"
 
-# ---- 3. compute-sanitizer memcheck over both ops at small sizes ------------------------------
+# ---- 4. compute-sanitizer memcheck over both ops at small sizes ------------------------------
 MEM_LOG=$OUTDIR/memcheck.log
 : >"$MEM_LOG"
 if [ $DRY -eq 1 ]; then
@@ -114,7 +127,7 @@ else
     fi
 fi
 
-# ---- 4. the quick bench ----------------------------------------------------------------------
+# ---- 5. the quick bench ----------------------------------------------------------------------
 BENCH_LOG=$OUTDIR/bench.log
 : >"$BENCH_LOG"
 # --time-limit stops starting cases early enough that the reports are always written.
@@ -137,6 +150,9 @@ fi
 rm -rf "$WORK"
 
 # ---- the short tables, last --------------------------------------------------------------------
+echo
+echo "autotuner picks (bf16; static facts from bench/results/sm90_static.md):"
+[ -f "$PICKS" ] && cut -c1-230 "$PICKS" | head -40
 echo
 echo "bench (best bigmodel vs best torch per case):"
 sed -n '/^op  *mode  *dtype/,/^$\|^bench: /p' "$BENCH_LOG" | grep -v '^bench: ' | head -40

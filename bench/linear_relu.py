@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import bigmodel
-from bench.core import Case, Provider, Skip, bigmodel_backends, compile_modes, op_provider, randn
+from bench.core import Case, Provider, bigmodel_backends, compile_modes, op_provider, randn
 
 
 def flops(M, K, N, mode):
@@ -39,14 +39,6 @@ def _addmm_act(x, w, b):
     return torch._addmm_activation(b, x, w.t())
 
 
-def _cublaslt():
-    try:
-        from bigmodel.ops.linear_relu_cublaslt import linear_relu_cublaslt
-    except ImportError as err:
-        raise Skip(f"no cuBLASLt path ({err})") from None
-    return linear_relu_cublaslt
-
-
 @dataclasses.dataclass(frozen=True)
 class LinearAct:
     """One fused linear + activation op as the bench measures it (all take (x, w, b))."""
@@ -55,10 +47,9 @@ class LinearAct:
     bigmodel: Callable  # bigmodel's public function, run under each backend
     eager: Callable  # the same in plain torch: torch-eager, and torch.compile's input
     torch_fused: Optional[Callable] = None  # torch's own fused form (torch-addmm_act; fwd only)
-    cublaslt: Optional[Callable] = None  # () -> bigmodel's cuBLASLt path, before it is a backend
 
 
-OPS = {"linear_relu": LinearAct("linear_relu", bigmodel.linear_relu, _eager, _addmm_act, _cublaslt)}
+OPS = {"linear_relu": LinearAct("linear_relu", bigmodel.linear_relu, _eager, _addmm_act)}
 OP = "linear_relu"
 
 
@@ -81,10 +72,6 @@ def _providers(spec, device, mode, quick):
     for name in bigmodel_backends(device):
         ctx = lambda name=name: bigmodel.use_backend(name)  # noqa: E731
         out.append(op_provider(f"bigmodel-{name}", spec.bigmodel, mode, ctx))
-    if spec.cublaslt is not None and device.type == "cuda" and "cublaslt" not in bigmodel_backends(device):
-        # The cuBLASLt path, measured beside Triton even before it is a named backend.
-        out.append(Provider("bigmodel-cublaslt", lambda inputs, seed: op_provider(
-            "bigmodel-cublaslt", spec.cublaslt(), mode).setup(inputs, seed)))
     out.append(op_provider("torch-eager", spec.eager, mode))
     if mode == "fwd":  # no autograd formula for torch's fused form; the bound is a forward
         if spec.torch_fused is not None:

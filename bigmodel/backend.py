@@ -1,27 +1,31 @@
 """Which implementation runs where, and the override.
 
+Every backend but ``reference`` is the registered op (``torch.ops.bigmodel.*``): the torch
+dispatcher picks its kernel by the tensors' device. The names say which kernel you expect, and a
+call whose tensors would reach another kernel is an error rather than a silent substitute.
+
 Backends:
-  ``auto``       CUDA tensors -> Triton kernels, CPU tensors -> the C++ engine (default).
-  ``cpp``        the C++ engine (CPU tensors).
-  ``triton``     the Triton kernels; on CPU tensors only under ``TRITON_INTERPRET=1``
-                 (that is how CI runs them).
-  ``reference``  plain PyTorch (bigmodel.reference), what the tests trust.
-  ``cublaslt``   linear_relu only, CUDA tensors: cuBLASLt with the RELU_AUX_BIAS epilogue
-                 (csrc/cuda/). Not what ``auto`` picks until it is measured on the H200.
+  ``auto``       the registered op: the C++ engine for CPU tensors, Triton for CUDA tensors (default).
+  ``cpp``        the registered op on CPU tensors (the C++ engine, csrc/cpu/).
+  ``triton``     the registered op on CUDA tensors (the Triton kernels, bigmodel.kernels); on CPU
+                 tensors only while :func:`bigmodel.ops.triton_kernels_on_cpu` has registered
+                 them for the CPU under ``TRITON_INTERPRET=1`` (how CI runs them).
+  ``cublaslt``   linear_relu only, CUDA tensors: the registered op's CUDA kernel runs cuBLASLt
+                 (csrc/cuda/) instead of Triton. Not what ``auto`` picks until it is measured on the
+                 H200.
+  ``reference``  plain PyTorch (bigmodel.reference), what the tests trust; no registered op.
 
 Chosen by the ``BIGMODEL_BACKEND`` environment variable or the :func:`use_backend` context
-manager. The override is process-wide, like torch.backends flags: a ``use_backend`` block in one
-thread applies to calls made meanwhile from other threads too (the innermost block wins), and the
-setting is restored when every block has exited.
+manager. The override is a :class:`contextvars.ContextVar`: a ``use_backend`` block applies to
+its own thread (or asyncio task) only, so concurrent blocks cannot restore each other's choice.
 """
 import contextlib
+import contextvars
 import os
-
-import torch
 
 BACKENDS = ("auto", "cpp", "triton", "reference", "cublaslt")
 
-_stack = []  # overrides from use_backend(), innermost last
+_override = contextvars.ContextVar("bigmodel_backend", default=None)
 
 
 def _check_name(name, origin):
@@ -31,27 +35,31 @@ def _check_name(name, origin):
 
 
 def current():
-    """The backend name in force: the innermost :func:`use_backend`, else BIGMODEL_BACKEND, else 'auto'."""
-    if _stack:
-        return _stack[-1]
+    """The backend name in force: the innermost :func:`use_backend` of this thread or task, else
+    ``BIGMODEL_BACKEND``, else ``'auto'``."""
+    name = _override.get()
+    if name is not None:
+        return name
     return _check_name(os.environ.get("BIGMODEL_BACKEND", "auto").strip().lower() or "auto",
                        "BIGMODEL_BACKEND")
 
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Run bigmodel ops with backend ``name`` ('auto', 'cpp', 'triton' or 'reference') inside the block.
+    """Run bigmodel ops with backend ``name`` inside the block (this thread or asyncio task only).
+
+    ``name`` is one of ``'auto'``, ``'cpp'``, ``'triton'``, ``'cublaslt'``, ``'reference'``.
 
     Example::
 
         >>> with bigmodel.use_backend("reference"):
         ...     y = bigmodel.linear_relu(x, w, b)
     """
-    _stack.append(_check_name(name, "bigmodel.use_backend"))
+    token = _override.set(_check_name(name, "bigmodel.use_backend"))
     try:
         yield
     finally:
-        _stack.pop()
+        _override.reset(token)
 
 
 def triton_interpreted():
@@ -59,30 +67,30 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def default_for(device_type):
-    """What ``auto`` means for tensors on ``device_type``."""
-    return "triton" if device_type == "cuda" else "cpp"
+def resolve(device, where, triton_on_cpu=False, cublaslt=False):
+    """``'reference'`` or ``'op'`` for a call on ``device``; raises if the backend in force cannot
+    run there.
 
-
-def resolve(device, op, extra=()):
-    """The concrete backend for an op on ``device`` under the current setting; raises if it can't run there.
-
-    ``extra`` names the op-specific backends the op has (e.g. ``("cublaslt",)`` for linear_relu).
+    ``where`` names the public function in errors; ``triton_on_cpu`` says whether the Triton
+    kernels are registered for CPU tensors now; ``cublaslt`` whether the op has that backend.
     """
     name = current()
-    dtype = device.type
-    if name == "auto":
-        name = default_for(dtype)
-    if name == "triton" and dtype != "cuda" and not (dtype == "cpu" and triton_interpreted()):
+    kind = device.type
+    if name == "reference":
+        return "reference"
+    if name == "cpp" and (kind != "cpu" or triton_on_cpu):
+        got = f"{kind} tensors" if kind != "cpu" else "cpu tensors while the Triton kernels are registered for the CPU"
+        raise RuntimeError(f"{where}: the 'cpp' backend runs on CPU tensors; got {got}")
+    if name == "triton" and kind != "cuda" and not (kind == "cpu" and triton_on_cpu):
         raise RuntimeError(
-            f"bigmodel.{op}: the 'triton' backend needs CUDA tensors, or TRITON_INTERPRET=1 set "
-            f"before triton is imported to run its kernels on CPU tensors; got {dtype} tensors"
+            f"{where}: the 'triton' backend needs CUDA tensors, or CPU tensors inside "
+            f"bigmodel.ops.triton_kernels_on_cpu() with TRITON_INTERPRET=1 set before triton is "
+            f"imported; got {kind} tensors"
         )
-    if name == "cpp" and dtype != "cpu":
-        raise RuntimeError(f"bigmodel.{op}: the 'cpp' backend runs on CPU tensors; got {dtype} tensors")
-    if name == "cublaslt" and (dtype != "cuda" or name not in extra):
-        raise RuntimeError(f"bigmodel.{op}: the 'cublaslt' backend runs linear_relu on CUDA tensors; "
-                           f"got {op} on {dtype} tensors")
-    if name not in ("triton", "cpp", "reference", "cublaslt"):
-        raise RuntimeError(f"bigmodel.{op}: no backend for {dtype} tensors")
-    return name
+    if name == "cublaslt" and not cublaslt:
+        raise RuntimeError(f"{where}: the 'cublaslt' backend runs bigmodel.linear_relu only")
+    if name == "cublaslt" and kind != "cuda":
+        raise RuntimeError(f"{where}: the 'cublaslt' backend runs on CUDA tensors; got {kind} tensors")
+    if kind not in ("cpu", "cuda"):
+        raise RuntimeError(f"{where}: no backend for {kind} tensors")
+    return "op"

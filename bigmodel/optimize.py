@@ -1,22 +1,34 @@
-"""bigmodel.optimize(model): swap torch layers for bigmodel's and fuse Linear + ReLU, in place of
-rewriting the model.
+"""bigmodel.optimize(model): swap torch layers for bigmodel's and fuse Linear + activation, in
+place of rewriting the model.
 
-How a Linear + ReLU pair is found: the structure tells for nn.Sequential (a Linear child followed by
-an nn.ReLU child) and for nn.TransformerEncoderLayer/DecoderLayer (linear1 then a relu activation).
-Any other module that owns a Linear or ReLU child has its forward traced with torch.fx, one level
-deep (children are leaves), in train and in eval mode: a Linear is fused when every call of it feeds
-its output only into a relu (nn.ReLU, F.relu, torch.relu, Tensor.relu, in place or not). The
-module's code is never rewritten: the Linear child becomes a FusedLinearReLU sharing its Parameter
-objects, and an nn.ReLU child whose every call follows a fused Linear becomes nn.Identity. A relu
-that lives in code (F.relu, torch.relu) stays and runs on an output that is already >= 0, which
-changes nothing (same values, same gradients) and which torch.compile fuses away. An in-place
-relu that has to stay would write into the fused op's saved output, so that Linear is not fused.
-Modules whose forward cannot be traced are left as they were; their children are still visited.
+The fusions are data: MODULE_RULES, FUNCTION_RULES and METHOD_RULES map each activation torch spells as a module, a function or a
+Tensor method (ReLU, LeakyReLU, GELU, SiLU, Tanh, Sigmoid) to the bigmodel.fused_linear activation
+it is, with how to read its arguments and whether a call is in place.
+
+How a Linear + activation pair is found: the structure tells for nn.Sequential (a Linear child
+followed by an activation child) and for nn.TransformerEncoderLayer/DecoderLayer (linear1, then
+the layer's activation). Any other module that owns a Linear or an activation child has its
+forward traced with torch.fx, one level deep (children are leaves), in train and in eval mode: a
+Linear is fused when every call of it feeds its output only into one and the same activation. The
+module's code is not edited: the Linear child becomes a FusedLinear sharing its Parameter objects,
+and an activation module whose every call follows a fused Linear becomes nn.Identity (a
+Transformer layer's activation function, the identity function). An activation that lives in code
+(F.relu, torch.relu) can stay only where applying it twice changes nothing: ReLU, whose second
+application runs on an output that is already >= 0 (same values, same gradients, and
+torch.compile fuses it away). Any other activation in code (F.gelu, torch.tanh, Tensor.sigmoid,
+...) is taken out of the instance's forward instead: where the module traces to the same graph in
+train and eval mode, its forward becomes that fx graph without the call (_FusedForward; the class,
+parameters and state_dict are unchanged, and the module still copies and pickles). Where it
+cannot, or where an in-place ReLU would stay and write into the fused op's saved output, that
+Linear is not fused, and the report says why. Modules whose forward cannot be traced are left as
+they were; their children are still visited.
 """
 import copy
+import importlib
 import logging
+import types
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -24,19 +36,105 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from bigmodel.nn.linear_relu import FusedLinearReLU
+from bigmodel.nn.fused_linear import FusedLinear, FusedLinearReLU
 from bigmodel.nn.multihead_attention import MultiheadAttention
 
 log = logging.getLogger("bigmodel")
 
-# Functional relus fx records, and whether a call is in place (from its args/kwargs).
-_RELU_FUNCTIONS = {
-    F.relu: lambda node: bool(node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False)),
-    torch.relu: lambda node: False,
-    torch.relu_: lambda node: True,
-    F.relu_: lambda node: True,
+
+@dataclass(frozen=True)
+class Activation:
+    """One activation call site: which fused_linear activation it is, with its arguments."""
+
+    name: str                # bigmodel.fused_linear's activation
+    options: tuple = ()      # ((keyword, value), ...) for FusedLinear: negative_slope, approximate
+    inplace: bool = False
+    module: object = None    # the activation module, for module calls; None in code
+    fn: object = None        # the function or method name, for calls in code
+
+    @property
+    def kind(self):
+        return (self.name, self.options)
+
+    @property
+    def idempotent(self):
+        """act(act(z)) == act(z): the call may stay in code after its Linear is fused."""
+        return self.name == "relu"
+
+
+def _arg(node, i, key, default):
+    """Argument ``i`` (or keyword ``key``) of an fx call node."""
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(key, default)
+
+
+# The fusion rules. Modules: type -> (activation, options(module), inplace(module)).
+MODULE_RULES = {
+    nn.ReLU: ("relu", lambda m: (), lambda m: m.inplace),
+    nn.LeakyReLU: ("leaky_relu", lambda m: (("negative_slope", m.negative_slope),), lambda m: m.inplace),
+    nn.GELU: ("gelu", lambda m: (("approximate", m.approximate),), lambda m: False),
+    nn.SiLU: ("silu", lambda m: (), lambda m: m.inplace),
+    nn.Tanh: ("tanh", lambda m: (), lambda m: False),
+    nn.Sigmoid: ("sigmoid", lambda m: (), lambda m: False),
 }
-_RELU_METHODS = {"relu": False, "relu_": True}
+# Functions fx records: function -> (activation, options(node), inplace(node)).
+FUNCTION_RULES = {
+    F.relu: ("relu", lambda n: (), lambda n: bool(_arg(n, 1, "inplace", False))),
+    torch.relu: ("relu", lambda n: (), lambda n: False),
+    torch.relu_: ("relu", lambda n: (), lambda n: True),
+    F.relu_: ("relu", lambda n: (), lambda n: True),
+    F.leaky_relu: ("leaky_relu", lambda n: (("negative_slope", float(_arg(n, 1, "negative_slope", 0.01))),),
+                   lambda n: bool(_arg(n, 2, "inplace", False))),
+    F.leaky_relu_: ("leaky_relu", lambda n: (("negative_slope", float(_arg(n, 1, "negative_slope", 0.01))),),
+                    lambda n: True),
+    F.gelu: ("gelu", lambda n: (("approximate", _arg(n, 1, "approximate", "none")),), lambda n: False),
+    torch._C._nn.gelu: ("gelu", lambda n: (("approximate", _arg(n, 1, "approximate", "none")),), lambda n: False),
+    F.silu: ("silu", lambda n: (), lambda n: bool(_arg(n, 1, "inplace", False))),
+    torch.tanh: ("tanh", lambda n: (), lambda n: False),
+    torch.tanh_: ("tanh", lambda n: (), lambda n: True),
+    F.tanh: ("tanh", lambda n: (), lambda n: False),
+    torch.sigmoid: ("sigmoid", lambda n: (), lambda n: False),
+    torch.sigmoid_: ("sigmoid", lambda n: (), lambda n: True),
+    F.sigmoid: ("sigmoid", lambda n: (), lambda n: False),
+}
+# Tensor methods: name -> (activation, inplace).
+METHOD_RULES = {"relu": ("relu", False), "relu_": ("relu", True), "tanh": ("tanh", False),
+                "tanh_": ("tanh", True), "sigmoid": ("sigmoid", False), "sigmoid_": ("sigmoid", True)}
+
+
+def activation_of_module(m):
+    """The Activation an activation module is, or None."""
+    rule = MODULE_RULES.get(type(m))
+    if rule is None:
+        return None
+    name, options, inplace = rule
+    return Activation(name, tuple(options(m)), bool(inplace(m)), module=m)
+
+
+def _activation_of_function(fn, node=None):
+    """The Activation of a call of ``fn`` in code (``node``: its fx node, for the arguments)."""
+    name, options, inplace = FUNCTION_RULES[fn]
+    if node is None:  # a Transformer layer's activation attribute: called with the input alone
+        return Activation(name, (), False, fn=fn)
+    return Activation(name, tuple(options(node)), inplace(node), fn=fn)
+
+
+def _activation_of_node(node, module):
+    """If ``node`` is an activation call: its Activation; else None."""
+    if node.op == "call_module":
+        return activation_of_module(module.get_submodule(node.target))
+    if node.op == "call_function" and node.target in FUNCTION_RULES:
+        return _activation_of_function(node.target, node)
+    if node.op == "call_method" and node.target in METHOD_RULES:
+        name, inplace = METHOD_RULES[node.target]
+        return Activation(name, (), inplace, fn=node.target)
+    return None
+
+
+def _identity(x):
+    """A Transformer layer's activation after its linear1 is fused (the activation is in linear1)."""
+    return x
 
 
 @dataclass
@@ -44,31 +142,48 @@ class OptimizeReport:
     """What :func:`optimize` changed, by qualified module name.
 
     Attributes:
-        fused: ``nn.Linear`` layers now :class:`bigmodel.nn.FusedLinearReLU`.
-        relu_removed: ``nn.ReLU`` modules now ``nn.Identity`` (every call followed a fused Linear).
+        fused: ``nn.Linear`` layers now :class:`bigmodel.nn.FusedLinear` (or FusedLinearReLU).
+        activations: for each fused layer, the activation now inside it ("relu", "gelu", ...).
+        activations_removed: activation modules now ``nn.Identity`` (every call followed a fused
+            Linear), and Transformer layers whose activation function is now the identity.
         attention: ``nn.MultiheadAttention`` layers now :class:`bigmodel.nn.MultiheadAttention`.
-        not_traced: ``(name, reason)`` for modules owning a Linear or ReLU whose forward torch.fx
-            could not trace; they were left as they were.
+        not_fused: ``(name, reason)`` for Linears followed by an activation that could not be fused.
+        not_traced: ``(name, reason)`` for modules owning a Linear or an activation whose forward
+            torch.fx could not trace; they were left as they were.
+        rewritten: modules whose forward called an activation in code (F.gelu, torch.tanh, ...)
+            after a fused Linear: their instance's forward is now their fx graph without it.
     """
 
     fused: list = field(default_factory=list)
-    relu_removed: list = field(default_factory=list)
+    activations: dict = field(default_factory=dict)
+    activations_removed: list = field(default_factory=list)
     attention: list = field(default_factory=list)
+    not_fused: list = field(default_factory=list)
     not_traced: list = field(default_factory=list)
+    rewritten: list = field(default_factory=list)
+
+    def by_activation(self):
+        """{activation: how many Linears were fused with it}."""
+        return dict(Counter(self.activations[n] for n in self.fused))
 
     def __str__(self):
         def names(xs):
             shown = ", ".join(n or "<root>" for n in xs[:8])
             return shown + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")
 
-        lines = [f"bigmodel.optimize: fused {len(self.fused)} Linear+ReLU, swapped {len(self.attention)} "
-                 f"MultiheadAttention, removed {len(self.relu_removed)} ReLU"]
-        if self.fused:
-            lines.append(f"  Linear+ReLU -> FusedLinearReLU: {names(self.fused)}")
-        if self.relu_removed:
-            lines.append(f"  nn.ReLU -> nn.Identity: {names(self.relu_removed)}")
+        counts = ", ".join(f"{n} {act}" for act, n in sorted(self.by_activation().items()))
+        lines = [f"bigmodel.optimize: fused {len(self.fused)} Linear+activation ({counts or 'none'}), swapped "
+                 f"{len(self.attention)} MultiheadAttention, removed {len(self.activations_removed)} activation"]
+        for act in sorted(self.by_activation()):
+            lines.append(f"  Linear+{act} -> FusedLinear: {names([n for n in self.fused if self.activations[n] == act])}")
+        if self.activations_removed:
+            lines.append(f"  activation -> identity: {names(self.activations_removed)}")
         if self.attention:
             lines.append(f"  MultiheadAttention -> bigmodel.nn.MultiheadAttention: {names(self.attention)}")
+        if self.rewritten:
+            lines.append(f"  forward without the fused activation calls (fx): {names(self.rewritten)}")
+        for name, why in self.not_fused:
+            lines.append(f"  not fused: {name or '<root>'}: {why}")
         for name, why in self.not_traced:
             lines.append(f"  left as is (not traceable): {name or '<root>'}: {why}")
         return "\n".join(lines)
@@ -77,8 +192,9 @@ class OptimizeReport:
 def optimize(model, *, inplace=False):
     r"""Return ``model`` with bigmodel's fused layers in place of torch's, computing the same function.
 
-    * every ``relu(linear(x))`` becomes one :func:`bigmodel.linear_relu` call (see the module docstring
-      for how pairs are found);
+    * every ``act(linear(x))`` with ``act`` one of ReLU, LeakyReLU, GELU, SiLU, Tanh, Sigmoid (as a
+      module, or, for ReLU, in code) becomes one :func:`bigmodel.fused_linear` call (see the module
+      docstring for how pairs are found);
     * every ``nn.MultiheadAttention``, including those inside ``nn.TransformerEncoderLayer``,
       ``nn.TransformerDecoderLayer`` and ``nn.Transformer``, becomes :class:`bigmodel.nn.MultiheadAttention`.
 
@@ -114,7 +230,7 @@ def optimize(model, *, inplace=False):
         model = MultiheadAttention.from_torch(model)
         report.attention.append("")
     _swap_attention(model, names, report)
-    _fuse_linear_relu(model, names, report)
+    _fuse_linear_activation(model, names, report)
 
     model.bigmodel_report = report
     log.info("%s", report)
@@ -177,24 +293,14 @@ def _trace(module):
     return graphs, None
 
 
-def _relu_of(node, module):
-    """If ``node`` is a relu call: ('module', ReLU object) / ('function', inplace); else None."""
-    if node.op == "call_module":
-        sub = module.get_submodule(node.target)
-        return ("module", sub) if type(sub) is nn.ReLU else None
-    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        return ("function", _RELU_FUNCTIONS[node.target](node))
-    if node.op == "call_method" and node.target in _RELU_METHODS:
-        return ("function", _RELU_METHODS[node.target])
-    return None
-
-
 class _Sites:
-    """Every observed call of Linear and ReLU modules, gathered over all analysed parents."""
+    """Every observed call of Linear and activation modules, gathered over all analysed parents."""
 
     def __init__(self):
-        self.linear = defaultdict(list)  # id(Linear) -> [relu that alone consumes it, or None]
-        self.relu = defaultdict(list)    # id(ReLU) -> [the Linear object feeding it, or None]
+        self.linear = defaultdict(list)  # id(Linear) -> [the Activation that alone consumes it, or None]
+        self.act = defaultdict(list)     # id(activation module) -> [the Linear object feeding it, or None]
+        self.transformer = {}            # id(Linear) -> the Transformer layer whose activation follows it
+        self.graphs = {}                 # id(traced parent) -> its (train, eval) fx graphs
         self.analysed = set()            # id(parent) whose calls of its children are all known
 
     def add_graph(self, module, graph):
@@ -204,48 +310,51 @@ class _Sites:
             sub = module.get_submodule(node.target)
             if type(sub) is nn.Linear:
                 users = list(node.users)
-                relu = None
+                act = None
                 if len(users) == 1 and users[0].args[:1] == (node,):
-                    relu = _relu_of(users[0], module)
-                self.linear[id(sub)].append(relu)
-            elif type(sub) is nn.ReLU:
+                    act = _activation_of_node(users[0], module)
+                self.linear[id(sub)].append(act)
+            elif type(sub) in MODULE_RULES:
                 arg = node.args[0] if node.args else None
                 src = None
                 if isinstance(arg, torch.fx.Node) and arg.op == "call_module":
                     src = module.get_submodule(arg.target)
-                self.relu[id(sub)].append(src if type(src) is nn.Linear and len(arg.users) == 1 else None)
+                self.act[id(sub)].append(src if type(src) is nn.Linear and len(arg.users) == 1 else None)
 
     def add_sequence(self, children):
         prev = None
         for i, child in enumerate(children):
             nxt = children[i + 1] if i + 1 < len(children) else None
             if type(child) is nn.Linear:
-                self.linear[id(child)].append(("module", nxt) if type(nxt) is nn.ReLU else None)
-            elif type(child) is nn.ReLU:
-                self.relu[id(child)].append(prev if type(prev) is nn.Linear else None)
+                self.linear[id(child)].append(activation_of_module(nxt) if nxt is not None else None)
+            elif type(child) in MODULE_RULES:
+                self.act[id(child)].append(prev if type(prev) is nn.Linear else None)
             prev = child
+
+    def add_transformer_layer(self, layer):
+        # Not traceable (its fast-path checks branch on tensors), but its feed-forward block is
+        # linear2(dropout(activation(linear1(x)))) and linear1 is used nowhere else.
+        act = layer.activation
+        found = activation_of_module(act) if isinstance(act, nn.Module) else (
+            _activation_of_function(act) if act in FUNCTION_RULES else None)
+        self.linear[id(layer.linear1)].append(found)
+        if found is not None and found.module is not None:
+            self.act[id(act)].append(layer.linear1)
+        if found is not None and found.module is None:
+            self.transformer[id(layer.linear1)] = layer
+        self.linear[id(layer.linear2)].append(None)
 
 
 def _analyse(model, names, report):
     sites = _Sites()
     for module in model.modules():
         kids = [c for c in module._modules.values() if c is not None]
-        if not any(type(c) in (nn.Linear, nn.ReLU) for c in kids):
+        if not any(type(c) is nn.Linear or type(c) in MODULE_RULES for c in kids):
             continue
         if type(module).forward is nn.Sequential.forward:
             sites.add_sequence(kids)
         elif type(module) in (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer):
-            # Not traceable (its fast-path checks branch on tensors), but its feed-forward block is
-            # linear2(dropout(activation(linear1(x)))) and linear1 is used nowhere else.
-            act = module.activation
-            if act is F.relu or type(act) is nn.ReLU:
-                sites.linear[id(module.linear1)].append(("module", act) if type(act) is nn.ReLU
-                                                        else ("function", False))
-                if type(act) is nn.ReLU:
-                    sites.relu[id(act)].append(module.linear1)
-            else:
-                sites.linear[id(module.linear1)].append(None)
-            sites.linear[id(module.linear2)].append(None)
+            sites.add_transformer_layer(module)
         else:
             graphs, why = _trace(module)
             if graphs is None:
@@ -253,11 +362,12 @@ def _analyse(model, names, report):
                 continue
             for g in graphs:
                 sites.add_graph(module, g)
+            sites.graphs[id(module)] = graphs
         sites.analysed.add(id(module))
     return sites
 
 
-def _fuse_linear_relu(model, names, report):
+def _fuse_linear_activation(model, names, report):
     sites = _analyse(model, names, report)
     refs = _references(model)
     objects = {id(m): m for m in model.modules()}
@@ -265,39 +375,163 @@ def _fuse_linear_relu(model, names, report):
     def held_by_analysed(m):
         return all(id(p) in sites.analysed for p, _ in refs[id(m)])
 
-    fused = set()
+    def removable_modules(fused):
+        return {key for key, srcs in sites.act.items()
+                if objects.get(key) is not None and held_by_analysed(objects[key])
+                and not _has_hooks(objects[key]) and srcs
+                and all(s is not None and id(s) in fused for s in srcs)}
+
+    candidates = {}
     for key, calls in sites.linear.items():
         lin = objects.get(key)
-        if (lin is not None and len(refs[key]) == 1 and held_by_analysed(lin) and not _has_hooks(lin)
-                and calls and all(c is not None for c in calls)):
-            fused.add(key)
+        if (lin is None or len(refs[key]) != 1 or not held_by_analysed(lin) or _has_hooks(lin)
+                or not calls or any(c is None for c in calls)):
+            continue
+        if len({c.kind for c in calls}) != 1:
+            report.not_fused.append((names.get(key, "?"), "called before different activations"))
+            continue
+        candidates[key] = calls
 
-    # Drop Linears whose relu cannot go and would run in place on the fused output; repeat, since
-    # dropping a Linear can keep a ReLU module that another Linear relied on losing.
+    # A Linear stays unfused where its activation would remain and apply twice (another activation
+    # in code, or a module that cannot go) or would run in place on the fused output. Repeat: an
+    # unfused Linear can keep an activation module that another Linear relied on losing.
+    # Activations in code that cannot stay (not ReLU) are taken out of the parent's forward: its
+    # fx graph without them becomes the instance's forward (see _FusedForward), where the graph
+    # is the same in train and eval mode and can be written back as code.
+    rewrite = {key for key, calls in candidates.items()
+               if any(c.module is None and not c.idempotent for c in calls) and key not in sites.transformer
+               and _rewritable(sites.graphs.get(id(refs[key][0][0])))}
+    fused = set(candidates)
     while True:
-        removable = {key for key, srcs in sites.relu.items()
-                     if objects.get(key) is not None and held_by_analysed(objects[key])
-                     and not _has_hooks(objects[key]) and srcs
-                     and all(s is not None and id(s) in fused for s in srcs)}
-        drop = set()
+        removable = removable_modules(fused)
+        drop = {}
         for key in fused:
-            for kind, what in sites.linear[key]:
-                inplace = what if kind == "function" else (what.inplace and id(what) not in removable)
-                if inplace:
-                    drop.add(key)
+            for c in candidates[key]:
+                stays = c.module is None and key not in sites.transformer and key not in rewrite or (
+                    c.module is not None and id(c.module) not in removable)
+                if stays and not c.idempotent:
+                    drop[key] = f"{c.name} {'in code' if c.module is None else 'module used elsewhere'} " \
+                                f"would apply twice (the forward could not be rewritten)"
+                elif stays and c.inplace:
+                    drop[key] = f"in-place {c.name} that stays would write into the fused output"
         if not drop:
             break
-        fused -= drop
+        fused -= set(drop)
+        report.not_fused += [(names.get(k, "?"), why) for k, why in drop.items()]
+    rewrite &= fused
 
     for key in sorted(fused, key=lambda k: names.get(k, "")):
         (parent, attr), = refs[key]
-        new = FusedLinearReLU.from_linear(objects[key])
-        new.training = objects[key].training
+        act = candidates[key][0]
+        lin = objects[key]
+        new = FusedLinearReLU.from_linear(lin) if act.name == "relu" else \
+            FusedLinear.from_linear(lin, act.name, **dict(act.options))
         setattr(parent, attr, new)
-        report.fused.append(names.get(key, attr))
+        name = names.get(key, attr)
+        report.fused.append(name)
+        report.activations[name] = act.name
+        layer = sites.transformer.get(key)
+        if layer is not None and not act.idempotent:
+            layer.activation = _identity
+            report.activations_removed.append(names.get(id(layer), "?") + ".activation")
+    by_parent = defaultdict(set)
+    for key in rewrite:
+        by_parent[id(refs[key][0][0])].add(refs[key][0][1])
+    for parent_id, attrs in by_parent.items():
+        parent = objects[parent_id]
+        parent.forward = _FusedForward.from_graph(parent, sites.graphs[parent_id][0], attrs)
+        report.rewritten.append(names.get(parent_id, "?"))
     for key in sorted(removable, key=lambda k: names.get(k, "")):
         identity = nn.Identity()
         identity.training = objects[key].training
         for parent, attr in refs[key]:
             setattr(parent, attr, identity)
-        report.relu_removed.append(names.get(key, "?"))
+        report.activations_removed.append(names.get(key, "?"))
+
+
+# -----------------------------------------------------------------------------------------------
+# Forwards rewritten without the activation calls that moved into fused Linears.
+
+
+def _rewritable(graphs):
+    """Whether a traced forward can become code again: the same graph in train and eval mode."""
+    if graphs is None:
+        return False
+    train, eval_ = (g.python_code("self").src for g in graphs)
+    return train == eval_ and _portable_globals(graphs[0]) is not None
+
+
+def _portable_globals(graph):
+    """The generated code's globals as (kind, ...) specs that survive pickling, or None."""
+    specs = {}
+    for name, value in graph.python_code("self").globals.items():
+        if name.startswith("__"):
+            continue
+        if isinstance(value, types.ModuleType):
+            spec = ("module", value.__name__)
+        elif value is type(None):
+            spec = ("none-type",)
+        elif isinstance(value, (int, float, str, type(None))):
+            spec = ("value", value)
+        elif getattr(value, "__module__", None) and getattr(value, "__qualname__", None):
+            spec = ("attr", value.__module__, value.__qualname__)
+        else:
+            return None
+        try:
+            if _resolve(spec) is not value and spec[0] != "value":
+                return None
+        except (ImportError, AttributeError):
+            return None
+        specs[name] = spec
+    return specs
+
+
+def _resolve(spec):
+    if spec[0] == "none-type":
+        return type(None)
+    if spec[0] == "module":
+        return importlib.import_module(spec[1])
+    if spec[0] == "value":
+        return spec[1]
+    obj = importlib.import_module(spec[1])
+    for part in spec[2].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _FusedForward:
+    """A module instance's forward generated by torch.fx from its traced graph, with the activation
+    calls that follow fused Linears taken out (they now run inside the Linears). The module's class,
+    parameters and state_dict are untouched; it copies (copy.deepcopy) and pickles with its module.
+    """
+
+    def __init__(self, code, specs):
+        self.code, self.specs = code, specs
+        scope = {name: _resolve(spec) for name, spec in specs.items()}
+        exec(compile(code, "<bigmodel.optimize fused forward>", "exec"), scope)  # noqa: S102
+        self._fn = scope["forward"]
+        self.module = None
+
+    @classmethod
+    def from_graph(cls, module, graph, linear_attrs):
+        """``module``'s ``graph`` without the activation that alone follows each Linear child named
+        in ``linear_attrs``; the result is bound to ``module``."""
+        graph = copy.deepcopy(graph)
+        for node in list(graph.nodes):
+            if node.op == "call_module" and node.target in linear_attrs:
+                (act,) = node.users
+                act.replace_all_uses_with(node)
+                graph.erase_node(act)
+        graph.lint()
+        fused = cls(graph.python_code("self").src, _portable_globals(graph))
+        fused.module = module
+        return fused
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(self.module, *args, **kwargs)
+
+    def __reduce__(self):
+        return (_FusedForward, (self.code, self.specs), {"module": self.module})
+
+    def __setstate__(self, state):
+        self.module = state["module"]

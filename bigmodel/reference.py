@@ -14,6 +14,32 @@ def ref_linear_relu(input, weight, bias=None):
     return torch.relu(F.linear(input, weight, bias))
 
 
+def ref_activation(z, activation, negative_slope=0.01, approximate="none"):
+    """The activation bigmodel.fused_linear applies: torch's own function of that name (with
+    GELU(+inf) = +inf in every dtype)."""
+    if activation is None:
+        return z
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, negative_slope)
+    if activation == "gelu":
+        # GELU(+inf) = +inf, as torch gives it in float64 and fp16 (its fp32/bf16 kernels say NaN).
+        return torch.where(z == math.inf, z, F.gelu(z, approximate=approximate))
+    if activation == "silu":
+        return F.silu(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
+    raise ValueError(f"ref_activation: unknown activation {activation!r}")
+
+
+def ref_fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.01, approximate="none"):
+    """activation(input @ weight.T + bias), each step torch's own (NaN and inf as torch gives them)."""
+    return ref_activation(F.linear(input, weight, bias), activation, negative_slope, approximate)
+
+
 def ref_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                   enable_gqa=False, dropout_keep=None):
     """softmax(Q K^T * scale + mask) V with torch SDPA's contract, materialising the scores.

@@ -1,5 +1,7 @@
 // Every bigmodel op's schema, in one place. Per-device kernels are registered next to their
-// implementations (csrc/cpu/*.cpp here; CUDA ones from Python via Triton, or csrc/cuda/*.cu).
+// implementations: csrc/cpu/*.cpp for the CPU, bigmodel/ops/*.py for CUDA (the Triton kernels,
+// which under the 'cublaslt' backend call the cuBLASLt functions exported below), and autograd
+// in csrc/autograd/*.cpp.
 //
 // Conventions shared by all ops:
 //  * linear_relu takes 2-D input (M, K); the Python layer flattens leading dims.
@@ -10,13 +12,23 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#if BIGMODEL_WITH_CUDA
+#include "cuda/linear_relu_cublaslt.h"
+#endif
+
 TORCH_LIBRARY(bigmodel, m) {
   m.def("linear_relu(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def(
       "linear_relu_backward(Tensor grad_output, Tensor output, Tensor input, Tensor weight, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  m.def("linear_relu_cublaslt(Tensor input, Tensor weight, Tensor? bias) -> (Tensor out, Tensor relu_mask)");
-  m.def("linear_relu_cublaslt_backward(Tensor grad_output, Tensor relu_mask, Tensor input, Tensor weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // activation: 'none', 'leaky_relu', 'gelu', 'gelu_tanh', 'silu', 'tanh', 'sigmoid' (ReLU is
+  // linear_relu). Returns (out, pre): pre = x W^T + b where the derivative needs it, else empty.
+  m.def(
+      "fused_linear(Tensor input, Tensor weight, Tensor? bias, str activation, float negative_slope) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "fused_linear_backward(Tensor grad_output, Tensor output, Tensor pre, Tensor input, Tensor weight, "
+      "str activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def(
       "attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
       "bool is_causal, float scale, Tensor? rng_seed) -> (Tensor, Tensor)");
@@ -33,4 +45,11 @@ bool built_with_cuda() { return BIGMODEL_WITH_CUDA != 0; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bigmodel C++ engine: op schemas and CPU kernels (registered with torch.library)";
   m.def("built_with_cuda", &bigmodel::built_with_cuda, "Whether the CUDA sources were compiled in");
+#if BIGMODEL_WITH_CUDA
+  // Not ops: the CUDA kernel of bigmodel::linear_relu calls these under the 'cublaslt' backend.
+  m.def("cublaslt_linear_relu", &bigmodel::cublaslt::linear_relu_forward,
+        "relu(input @ weight^T + bias) by one cuBLASLt GEMM with a bias+ReLU epilogue");
+  m.def("cublaslt_linear_relu_backward", &bigmodel::cublaslt::linear_relu_backward,
+        "(dx, dw, db) of linear_relu from the saved output, cuBLASLt GEMMs");
+#endif
 }

@@ -42,11 +42,13 @@ def make_batch(n, g):
 
 
 class SeqClassifier(nn.Module):
-    def __init__(self, d_model=64, heads=4, layers=2, ff=128):
+    def __init__(self, d_model=64, heads=4, layers=2, ff=128, activation="gelu"):
         super().__init__()
         self.embed = nn.Embedding(VOCAB + 1, d_model, padding_idx=PAD)
         self.pos = nn.Parameter(torch.randn(MAX_LEN, d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout=0.0, batch_first=True)
+        # GELU, as GPT-2 and BERT use: bigmodel.optimize fuses it into linear1 (FusedLinear).
+        layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout=0.0, activation=activation,
+                                           batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(d_model, VOCAB)
 

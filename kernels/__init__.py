@@ -1,2 +1,3 @@
 """Triton kernels and their launch configs (installed as bigmodel.kernels). Nothing here knows
-about autograd or modules; each module imports triton, so import them only where used."""
+about autograd or modules. attention.py, linear_relu.py and _hopper.py import triton, so import
+them only where used; _common.py imports neither triton nor anything heavy."""

@@ -32,14 +32,8 @@ def fuzz_settings(max_examples):
     return settings(parent, max_examples=max_examples)
 
 
-def regression_params(name, known_bug):
-    """pytest params for tests/regressions/<name>.json, each entry a spec (plus its id and why);
-    entries with a known bug become strict xfails, so a fix is noticed."""
+def regression_params(name):
+    """pytest params for tests/regressions/<name>.json, each entry a spec (plus its id and why)."""
     cases = json.loads((pathlib.Path(__file__).parent / "regressions" / f"{name}.json").read_text())
-    params = []
-    for entry in cases["cases"]:
-        spec = {k: v for k, v in entry.items() if k not in ("id", "why")}
-        bug = known_bug(spec)
-        marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
-        params.append(pytest.param(spec, marks=marks, id=entry["id"]))
-    return params
+    return [pytest.param({k: v for k, v in entry.items() if k not in ("id", "why")}, id=entry["id"])
+            for entry in cases["cases"]]

@@ -74,11 +74,9 @@ CASES = list(itertools.product(
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("float_masks", [False, True])
-@pytest.mark.parametrize("batch_first,kind,mask_kind", CASES)
+@pytest.mark.parametrize("float_masks,batch_first,kind,mask_kind",
+                         [(f, *c) for f in (False, True) for c in CASES if f is False or c[2] is not None])
 def test_matches_torch_forward_backward(dtype, float_masks, batch_first, kind, mask_kind):
-    if mask_kind is None and float_masks:
-        pytest.skip("no mask")
     N, L, E, H = 3, 7, 20, 4  # head dim 5
     S = L if kind == "self" else 13
     mask_dtype = dtype if float_masks else torch.bool
@@ -222,3 +220,49 @@ def test_compile_fullgraph():
     f = torch.compile(lambda x, m: ours(x, x, x, key_padding_mask=m, need_weights=False)[0], fullgraph=True,
                       backend="eager")
     torch.testing.assert_close(f(x, kpm), ours(x, x, x, key_padding_mask=kpm, need_weights=False)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors (docs/errors.md).
+
+from error_table import check_row, rows_of  # noqa: E402
+
+
+def _t(*shape, **kw):
+    return torch.randn(*shape, **kw)
+
+
+def _mha_call(q, k, v, **kw):
+    return bigmodel.nn.MultiheadAttention(8, 2)(q, k, v, need_weights=False, **kw)
+
+
+X = (_t(3, 2, 8),) * 3
+# id -> (call(monkeypatch), the argument the message must name or None, needs CUDA)
+ERROR_CASES = {
+    "mha-heads": (lambda mp: bigmodel.nn.MultiheadAttention(8, 3), "num_heads", False),
+    "mha-from-torch": (lambda mp: bigmodel.nn.MultiheadAttention.from_torch(torch.nn.Linear(2, 2)), "mha", False),
+    "mha-dim": (lambda mp: _mha_call(*(_t(1, 3, 2, 8),) * 3), "query", False),
+    "mha-kv-dim": (lambda mp: _mha_call(_t(3, 2, 8), _t(3, 8), _t(3, 8)), "key", False),
+    "mha-embed": (lambda mp: _mha_call(*(_t(3, 2, 7),) * 3), "embed_dim", False),
+    "mha-kvdim": (lambda mp: _mha_call(_t(3, 2, 8), _t(3, 2, 7), _t(3, 2, 7)), "kdim", False),
+    "mha-kv-shape": (lambda mp: _mha_call(_t(3, 2, 8), _t(4, 2, 8), _t(5, 2, 8)), "key", False),
+    "mha-batch": (lambda mp: _mha_call(_t(3, 2, 8), _t(4, 3, 8), _t(4, 3, 8)), "key", False),
+    "mha-mask-dtype": (lambda mp: _mha_call(*X, attn_mask=torch.ones(3, 3, dtype=torch.int64)), "attn_mask", False),
+    "mha-kpm-dim": (lambda mp: _mha_call(*X, key_padding_mask=torch.zeros(3, dtype=torch.bool)),
+                    "key_padding_mask", False),
+    "mha-kpm-shape": (lambda mp: _mha_call(*X, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)),
+                      "key_padding_mask", False),
+    "mha-mask-dim": (lambda mp: _mha_call(*X, attn_mask=torch.zeros(1, 4, 3, 3, dtype=torch.bool)), "attn_mask", False),
+    "mha-mask-2d": (lambda mp: _mha_call(*X, attn_mask=torch.zeros(3, 4, dtype=torch.bool)), "attn_mask", False),
+    "mha-mask-3d": (lambda mp: _mha_call(*X, attn_mask=torch.zeros(5, 3, 3, dtype=torch.bool)), "attn_mask", False),
+    "mha-causal": (lambda mp: _mha_call(*X, is_causal=True), "is_causal", False),
+}
+
+
+def test_error_rows_are_all_covered():
+    assert set(ERROR_CASES) == set(rows_of("mha"))
+
+
+@pytest.mark.parametrize("ident", sorted(ERROR_CASES))
+def test_error_row(ident, monkeypatch):
+    check_row(ident, ERROR_CASES[ident], monkeypatch)

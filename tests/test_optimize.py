@@ -10,7 +10,7 @@ from torch import nn
 
 import bigmodel
 from examples.seed import Classifier as SeedClassifier
-from bigmodel.nn import FusedLinearReLU, MultiheadAttention
+from bigmodel.nn import FusedLinear, FusedLinearReLU, MultiheadAttention
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=3e-5, rtol=3e-4)}
 
@@ -82,8 +82,8 @@ def test_seed_classifier(dtype):
     assert type(model.fc1) is nn.Linear and type(model.relu) is nn.ReLU  # inplace=False: original kept
     assert opt.fc1.weight.dtype == dtype
     rep = opt.bigmodel_report
-    assert rep.fused == ["fc1", "fc2"] and rep.relu_removed == ["relu"] and rep.attention == []
-    assert "fused 2 Linear+ReLU" in str(rep)
+    assert rep.fused == ["fc1", "fc2"] and rep.activations_removed == ["relu"] and rep.attention == []
+    assert "fused 2 Linear+activation (2 relu)" in str(rep)
     check_state_dict_round_trip(model, opt)
 
 
@@ -107,9 +107,11 @@ def test_gan_stacks(dtype):
             return self.m["discriminator"](self.m["generator"](z))
 
     opt = check_equivalent(Both(model), lambda dt: [torch.randn(9, 16, dtype=dt, requires_grad=True)], dtype)
-    assert sorted(opt.bigmodel_report.fused) == ["m.discriminator.0", "m.discriminator.2", "m.generator.0",
-                                                 "m.generator.2"]
-    assert type(opt.m["generator"][3]) is nn.Identity and type(opt.m["generator"][5]) is nn.Tanh
+    rep = opt.bigmodel_report
+    assert sorted(rep.fused) == ["m.discriminator.0", "m.discriminator.2", "m.generator.0", "m.generator.2",
+                                 "m.generator.4"]
+    assert rep.by_activation() == {"relu": 4, "tanh": 1}
+    assert type(opt.m["generator"][3]) is nn.Identity and type(opt.m["generator"][5]) is nn.Identity
 
 
 def test_functional_relus():
@@ -214,6 +216,105 @@ def test_transformer_encoder(batch_first, masks, norm_first):
     x = torch.randn(shape, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(opt(x), Wrap(model)(x), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("activation,name", [("gelu", "gelu"), (nn.GELU(approximate="tanh"), "gelu"),
+                                             (nn.SiLU(), "silu"), (F.relu, "relu")], ids=["gelu", "GELU-tanh", "SiLU", "relu"])
+def test_transformer_layer_activations_from_the_rule_table(activation, name):
+    layer = nn.TransformerEncoderLayer(16, 4, 24, dropout=0.0, activation=activation, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    opt = check_equivalent(model, lambda dt: [torch.randn(3, 9, 16, dtype=dt, requires_grad=True)])
+    assert opt.bigmodel_report.by_activation() == {name: 2}
+    assert type(opt.layers[0].linear1) in (FusedLinear, FusedLinearReLU)
+    check_state_dict_round_trip(model, opt)
+    model.eval(), opt.eval()
+    x = torch.randn(3, 9, 16, dtype=torch.float64)
+    with torch.no_grad():  # the inference fast path, where torch takes it
+        torch.testing.assert_close(opt(x), model(x), **TOL[torch.float64])
+
+
+ACTIVATION_MODULES = [(nn.ReLU(), "relu"), (nn.LeakyReLU(0.2), "leaky_relu"), (nn.GELU(), "gelu"),
+                      (nn.SiLU(), "silu"), (nn.Tanh(), "tanh"), (nn.Sigmoid(), "sigmoid")]
+
+
+@pytest.mark.parametrize("act,name", ACTIVATION_MODULES, ids=[n for _, n in ACTIVATION_MODULES])
+def test_every_activation_module_is_fused_in_sequential_and_traced_forwards(act, name):
+    class Traced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(7, 9), copy.deepcopy(act), nn.Linear(9, 3)
+
+        def forward(self, x):
+            return self.out(self.act(self.fc(x)))
+
+    model = nn.ModuleDict({"seq": nn.Sequential(nn.Linear(5, 7), copy.deepcopy(act)), "traced": Traced()})
+
+    class Both(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m["traced"](self.m["seq"](x))
+
+    opt = check_equivalent(Both(model), lambda dt: [torch.randn(4, 5, dtype=dt, requires_grad=True)])
+    rep = opt.bigmodel_report
+    assert sorted(rep.fused) == ["m.seq.0", "m.traced.fc"] and rep.by_activation() == {name: 2}
+    assert type(opt.m["seq"][1]) is nn.Identity and type(opt.m["traced"].act) is nn.Identity
+    check_state_dict_round_trip(Both(model), opt)
+
+
+class Code(nn.Module):
+    """Every activation in code, in place too: F.leaky_relu, F.gelu, F.silu, torch.tanh, Tensor.sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = (nn.Linear(6, 6) for _ in range(5))
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.a(x), 0.2)
+        x = F.gelu(self.b(x), approximate="tanh")
+        x = F.silu(self.c(x), inplace=True)
+        x = torch.tanh(self.d(x))
+        return self.out(self.e(x).sigmoid()) + x.sum()
+
+
+def test_activations_in_code_are_fused_by_rewriting_the_instance_forward():
+    opt = check_equivalent(Code(), lambda dt: [torch.randn(3, 6, dtype=dt, requires_grad=True)])
+    rep = opt.bigmodel_report
+    assert rep.by_activation() == {"leaky_relu": 1, "gelu": 1, "silu": 1, "tanh": 1, "sigmoid": 1}
+    assert rep.rewritten == [""] and type(opt) is Code and opt.b.approximate == "tanh" and opt.a.negative_slope == 0.2
+    check_state_dict_round_trip(Code(), opt)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    for copied in (copy.deepcopy(opt), _saved_and_loaded(opt)):
+        assert copied.forward.module is copied
+        torch.testing.assert_close(copied(x), opt(x))
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(opt, fullgraph=True, backend="aot_eager")(x), opt(x))
+
+
+def _saved_and_loaded(model):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_activations_in_code_left_where_the_forward_differs_by_mode():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 6)
+
+        def forward(self, x):
+            y = torch.tanh(self.a(x))
+            return y * 2 if self.training else y
+
+    opt = check_equivalent(Branchy(), lambda dt: [torch.randn(3, 6, dtype=dt, requires_grad=True)])
+    assert opt.bigmodel_report.fused == [] and "would apply twice" in str(opt.bigmodel_report)
 
 
 def test_transformer_full_and_decoder():
@@ -336,3 +437,20 @@ def test_distributed_gradients_match_single_process(tmp_path, mode):
     assert sorted(grads) == sorted(n for n, _ in single.named_parameters())
     for n, p in single.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, atol=1e-12, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors (docs/errors.md).
+
+from error_table import check_row, rows_of  # noqa: E402
+
+ERROR_CASES = {"optimize-type": (lambda mp: bigmodel.optimize("model"), "model", False)}
+
+
+def test_error_rows_are_all_covered():
+    assert set(ERROR_CASES) == set(rows_of("optimize"))
+
+
+@pytest.mark.parametrize("ident", sorted(ERROR_CASES))
+def test_error_row(ident, monkeypatch):
+    check_row(ident, ERROR_CASES[ident], monkeypatch)

@@ -1,3 +1,3 @@
 """Drop-in nn.Module replacements: same constructor, parameters and state_dict as torch's."""
-from bigmodel.nn.linear_relu import FusedLinearReLU  # noqa: F401
+from bigmodel.nn.fused_linear import FusedLinear, FusedLinearReLU  # noqa: F401
 from bigmodel.nn.multihead_attention import MultiheadAttention  # noqa: F401

@@ -1,9 +1,13 @@
-"""Loading the C++ extension, and registration helpers shared by the ops.
+"""Loading the C++ extension, and the registration helpers every op uses.
 
-The op schemas live in csrc/bigmodel.cpp; importing ``bigmodel._C`` defines them and registers
-the CPU engine. Without it, ``import bigmodel`` still works; the C++ paths then raise
-:class:`ExtensionNotBuilt`, which says how to build.
+The op schemas live in csrc/bigmodel.cpp; importing ``bigmodel._C`` defines them, registers the
+CPU engine (csrc/cpu/) and the autograd of every op (csrc/autograd/). Each ops/<op>.py adds its
+fake kernel, its CUDA kernel (the Triton launchers) and autocast through the helpers below.
+Without the extension ``import bigmodel`` still works; every backend but ``reference`` then
+raises :class:`ExtensionNotBuilt`, which says how to build.
 """
+import contextlib
+
 import torch
 
 try:
@@ -19,12 +23,12 @@ LIB = torch.library.Library("bigmodel", "FRAGMENT") if _C is not None else None
 BUILD_HINT = (
     "bigmodel's C++ extension (bigmodel._C) is not built or failed to load ({err}). Build it "
     "with `make build` or `pip install -e . --no-build-isolation` from the source tree, or use "
-    "the 'triton' (CUDA) or 'reference' backend."
+    "the 'reference' backend."
 )
 
 
 class ExtensionNotBuilt(RuntimeError):
-    """Raised when an op needs bigmodel._C and it is not available."""
+    """Raised when an op is called and bigmodel._C (which defines the ops) is not available."""
 
 
 def has_ops():
@@ -38,8 +42,9 @@ def require_ops():
 
 
 def register_autocast(name):
-    """Autocast for ``bigmodel::<name>``: floating inputs on the autocast device are cast to the
-    autocast dtype in force (torch.get_autocast_dtype), as F.linear and SDPA are."""
+    """Autocast for ``bigmodel::<name>``, the one place it is done: floating inputs on the autocast
+    device are cast to the autocast dtype in force (torch.get_autocast_dtype), as F.linear and
+    SDPA are."""
     op = getattr(torch.ops.bigmodel, name).default
     for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
         keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
@@ -58,19 +63,49 @@ def register_autocast(name):
         LIB.impl(name, kernel, key, with_keyset=True)
 
 
-class KernelFunction(torch.autograd.Function):
-    """Autograd around raw kernel launchers, for backends that are not the registered default
-    on a device (the Triton kernels on CPU tensors under the interpreter, or any kernel when
-    bigmodel._C is not built). ``kernels`` has ``forward(*inputs) -> (out, saved)`` and
-    ``backward(saved, needs_input_grad, grad) -> grads``."""
+def autocast_dtype(device):
+    """The dtype the registered autocast kernel will cast floating inputs on ``device`` to, or None."""
+    kind = device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
 
-    @staticmethod
-    def forward(ctx, kernels, *inputs):
-        out, saved = kernels.forward(*inputs)
-        ctx.kernels, ctx.saved = kernels, saved
-        return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        grads = ctx.kernels.backward(ctx.saved, ctx.needs_input_grad[1:], grad)
-        return (None, *grads)
+# op name -> its CUDA kernel (a Triton launcher), as registered; see triton_kernels_on_cpu.
+_CUDA_KERNELS = {}
+_triton_on_cpu = [0]  # how many triton_kernels_on_cpu blocks are open
+
+
+def register_cuda_kernel(name, kernel):
+    """Registers ``kernel`` (Python, Triton underneath) as the CUDA kernel of ``bigmodel::<name>``."""
+    torch.library.register_kernel(f"bigmodel::{name}", "cuda", kernel)
+    _CUDA_KERNELS[name] = kernel
+
+
+def triton_on_cpu():
+    """Whether the Triton kernels are registered for CPU tensors now."""
+    return _triton_on_cpu[0] > 0
+
+
+@contextlib.contextmanager
+def triton_kernels_on_cpu():
+    """Registers every op's CUDA kernels (the Triton launchers) for CPU tensors inside the block.
+
+    With ``TRITON_INTERPRET=1`` set before triton is imported, Triton runs its kernels on CPU
+    tensors through its interpreter; this makes the registered ops reach them there, so CI tests
+    the very dispatch path that CUDA runs (autograd, autocast, fake kernels included). The C++
+    engine's CPU kernels come back when the block exits. Process-wide (the dispatcher is): not
+    for use while other threads run bigmodel ops on CPU.
+    """
+    require_ops()
+    lib = torch.library.Library("bigmodel", "IMPL")
+    try:
+        for name, kernel in _CUDA_KERNELS.items():
+            lib.impl(name, kernel, "CPU")
+        _triton_on_cpu[0] += 1
+        try:
+            yield
+        finally:
+            _triton_on_cpu[0] -= 1
+    finally:
+        lib._destroy()

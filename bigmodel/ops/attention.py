@@ -1,8 +1,8 @@
 """bigmodel::attention: softmax(Q K^T * scale + mask) V, its registration and its public function.
 
-The schemas are in csrc/bigmodel.cpp and the CPU kernel in csrc/cpu/attention.cpp; this file
-adds the fake (meta) kernels, autograd, autocast and the CUDA kernels (Triton, in
-kernels/attention.py), and :func:`scaled_dot_product_attention`, which maps the contract of
+The schemas are in csrc/bigmodel.cpp, the CPU kernel in csrc/cpu/attention.cpp and autograd in
+csrc/autograd/attention.cpp; this file adds the fake (meta) kernels, autocast and the CUDA
+kernels (Triton, in kernels/attention.py), and :func:`scaled_dot_product_attention`, which maps the contract of
 ``torch.nn.functional.scaled_dot_product_attention`` onto the 4-D ``(B, H, L, E)`` op.
 """
 import math
@@ -10,6 +10,7 @@ import math
 import torch
 
 from bigmodel import backend
+from bigmodel.kernels._common import CPU_DTYPES
 from bigmodel.ops import _registry
 from bigmodel.reference import ref_attention
 
@@ -47,15 +48,18 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale):
             raise ValueError(f"{_WHERE}: {name} is on {t.device} but query is on {query.device}")
     if not query.is_floating_point():
         raise TypeError(f"{_WHERE}: expected floating point inputs, got query of dtype {query.dtype}")
+    # Under autocast the registered autocast kernel casts every floating input to one dtype.
+    cast = _registry.autocast_dtype(query.device)
     for name, t in (("key", key), ("value", value)):
-        if t.dtype != query.dtype:
+        if t.dtype != query.dtype and not (cast is not None and t.is_floating_point()):
             raise TypeError(f"{_WHERE}: query, key and value must have the same dtype; got query "
                             f"{query.dtype} and {name} {t.dtype}")
-    supported = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    if query.dtype not in supported or (query.dtype == torch.float64 and query.device.type == "cuda"):
-        raise TypeError(f"{_WHERE}: dtype {query.dtype} is not supported on {query.device.type}")
+    dtype = cast or query.dtype
+    if dtype not in CPU_DTYPES or (dtype == torch.float64 and query.device.type == "cuda"):
+        raise TypeError(f"{_WHERE}: dtype {dtype} is not supported on {query.device.type}")
     if attn_mask is not None:
-        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype) and not (
+                cast is not None and attn_mask.is_floating_point()):
             raise TypeError(f"{_WHERE}: attn_mask must be bool (True = attend) or a float mask of the query's "
                             f"dtype {query.dtype}; got {attn_mask.dtype} (float32 is accepted too, as in torch)")
         if is_causal:
@@ -138,54 +142,12 @@ def _reference(q, k, v, mask, dropout_p, is_causal, scale):
     return ref_attention(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa=True, dropout_keep=keep)
 
 
-class _TritonKernels:
-    """The Triton launchers as a KernelFunction pair (used off the registered path)."""
-
-    @staticmethod
-    def forward(q, k, v, mask, dropout_p, is_causal, scale, rng_seed):
-        out, lse = _triton().attention_fwd(q, k, v, mask, dropout_p, is_causal, scale, rng_seed)
-        return out, (q, k, v, out, lse, mask, dropout_p, is_causal, scale, rng_seed)
-
-    @staticmethod
-    def backward(saved, needs, grad):
-        q, k, v, out, lse, mask, dropout_p, is_causal, scale, rng_seed = saved
-        dq, dk, dv = _triton().attention_bwd(grad, q, k, v, out, lse, mask, dropout_p, is_causal, scale,
-                                             rng_seed)
-        return dq, dk, dv, None, None, None, None, None
-
-
-def _query_cpu_kernel():
-    return _registry.has_ops() and torch._C._dispatch_has_kernel_for_dispatch_key("bigmodel::attention", "CPU")
-
-
-_CPU_KERNEL = [_query_cpu_kernel()]  # the last answer, for torch.compile (dynamo can't trace the query)
-
-
-def _cpu_kernel_registered():
-    if not torch.compiler.is_compiling():
-        _CPU_KERNEL[0] = _query_cpu_kernel()
-    return _CPU_KERNEL[0]
-
-
 def _attention_4d(q, k, v, mask, dropout_p, is_causal, scale):
-    device = q.device
-    name = backend.resolve(device, "scaled_dot_product_attention")
-    if name == backend.default_for(device.type) and device.type == "cpu" and backend.current() == "auto":
-        # Until the C++ CPU kernel lands, CPU tensors under 'auto' use the reference.
-        if not _cpu_kernel_registered():
-            name = "reference"
-    if name == "reference":
+    if backend.resolve(q.device, _WHERE, _registry.triton_on_cpu()) == "reference":
         return _reference(q, k, v, mask, dropout_p, is_causal, scale)
+    _registry.require_ops()
     rng_seed = _draw_rng_seed(dropout_p)
-    if name == backend.default_for(device.type) and _registry.has_ops():
-        return torch.ops.bigmodel.attention(q, k, v, mask, dropout_p, is_causal, scale, rng_seed)[0]
-    if name == "triton":
-        if q.dtype == torch.float64:
-            raise TypeError(f"{_WHERE}: the 'triton' backend does not support float64")
-        return _registry.KernelFunction.apply(_TritonKernels, q, k, v, mask, dropout_p, is_causal, scale,
-                                              rng_seed)
-    _registry.require_ops()  # the C++ engine was asked for and is missing: say how to build it
-    raise AssertionError("unreachable")
+    return torch.ops.bigmodel.attention(q, k, v, mask, dropout_p, is_causal, scale, rng_seed)[0]
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -216,20 +178,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         Tensor of shape ``(N, ..., Hq, L, Ev)``. A query row that sees no key gives 0 (and
         gradient 0), not NaN; a NaN in the inputs reaches exactly the outputs it enters.
 
-    Runs on the backend in force (see :func:`bigmodel.use_backend`): Triton for CUDA tensors,
-    the C++ engine for CPU tensors. Supports float32 (TF32 only where
+    Runs on the backend in force (see :func:`bigmodel.use_backend`): the registered op
+    ``torch.ops.bigmodel.attention`` (Triton for CUDA tensors, the C++ engine for CPU tensors) or
+    the plain-PyTorch reference. Supports float32 (TF32 only where
     ``torch.backends.cuda.matmul.allow_tf32``), float16, bfloat16 (and float64 on CPU),
     autograd, autocast and ``torch.compile``.
     """
-    if (isinstance(query, torch.Tensor) and torch.is_autocast_enabled(query.device.type)
-            and isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)):
-        # As torch's SDPA under autocast: compute in the autocast dtype (float masks follow).
-        dtype = torch.get_autocast_dtype(query.device.type)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-        if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
-            attn_mask = attn_mask.to(dtype)
     _check(query, key, value, attn_mask, dropout_p, is_causal, scale)
-    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
+    if (attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != query.dtype
+            and _registry.autocast_dtype(query.device) is None):
         attn_mask = attn_mask.to(query.dtype)  # a float32 mask for a 16-bit query (before any expand)
     q4, k4, v4, mask4, lead = _layout(query, key, value, attn_mask, enable_gqa)
     if scale is None:  # (E = 0 has all-zero scores whatever the scale: avoid 1/0)
@@ -254,22 +211,6 @@ def _fake_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, 
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (query, key, value))
 
 
-def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, dropout_p, is_causal, scale, rng_seed = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse, attn_mask, rng_seed)
-    ctx.dropout_p, ctx.is_causal, ctx.scale = dropout_p, is_causal, scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    query, key, value, out, lse, attn_mask, rng_seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.bigmodel.attention_backward(
-        grad_out, query, key, value, out, lse, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, rng_seed)
-    # The mask and the seed get no gradient (as torch's fused SDPA kernels).
-    return dq, dk, dv, None, None, None, None, None
-
-
 def _cuda_forward(query, key, value, attn_mask, dropout_p, is_causal, scale, rng_seed):
     return _triton().attention_fwd(query, key, value, attn_mask, dropout_p, is_causal, scale, rng_seed)
 
@@ -282,7 +223,7 @@ def _cuda_backward(grad_out, query, key, value, out, lse, attn_mask, dropout_p, 
 if _registry.has_ops():
     torch.library.register_fake("bigmodel::attention", _fake_forward)
     torch.library.register_fake("bigmodel::attention_backward", _fake_backward)
-    torch.library.register_autograd("bigmodel::attention", _backward, setup_context=_setup_context)
-    torch.library.register_kernel("bigmodel::attention", "cuda", _cuda_forward)
-    torch.library.register_kernel("bigmodel::attention_backward", "cuda", _cuda_backward)
+    # Autograd is registered in C++ (csrc/autograd/attention.cpp), as for every op.
+    _registry.register_cuda_kernel("attention", _cuda_forward)
+    _registry.register_cuda_kernel("attention_backward", _cuda_backward)
     _registry.register_autocast(_NAME)

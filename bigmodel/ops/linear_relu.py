@@ -2,15 +2,20 @@
 
 The schema is in csrc/bigmodel.cpp, the CPU kernel in csrc/cpu/linear_relu.cpp and autograd in
 csrc/autograd/linear_relu.cpp; this file adds the fake (meta) kernels, autocast and the CUDA
-kernel (Triton), and the public function that maps F.linear's contract onto the 2-D op.
+kernel (Triton, or cuBLASLt under the 'cublaslt' backend), and the public function that maps
+F.linear's contract onto the 2-D op.
 """
+import math
+
 import torch
 
 from bigmodel import backend
+from bigmodel.kernels._common import CPU_DTYPES
 from bigmodel.ops import _registry
 from bigmodel.reference import ref_linear_relu
 
 _NAME = "linear_relu"
+_WHERE = "bigmodel.linear_relu"
 
 
 def _triton():
@@ -20,9 +25,8 @@ def _triton():
     return kernels
 
 
-def _check(input, weight, bias):
+def _check(input, weight, bias, where=_WHERE):
     """The errors F.linear gives, naming the shapes; raises before any kernel runs."""
-    where = "bigmodel.linear_relu"
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
@@ -39,50 +43,20 @@ def _check(input, weight, bias):
         raise ValueError(
             f"{where}: bias must be 1-D of size out_features ({weight.shape[0]}), got shape {tuple(bias.shape)}"
         )
+    # Under autocast the registered autocast kernel casts every floating input to one dtype.
+    cast = _registry.autocast_dtype(input.device)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if t.device != input.device:
             raise ValueError(f"{where}: {name} is on {t.device} but input is on {input.device}")
-        if t.dtype != input.dtype:
+        if t.dtype != input.dtype and not (cast is not None and t.is_floating_point()):
             raise TypeError(f"{where}: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
     if not input.is_floating_point():
         raise TypeError(f"{where}: expected a floating point input, got {input.dtype}")
-    supported = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    if input.dtype not in supported or (input.dtype == torch.float64 and input.device.type == "cuda"):
-        raise TypeError(f"{where}: dtype {input.dtype} is not supported on {input.device.type}")
-
-
-class _TritonKernels:
-    """The Triton launchers as a KernelFunction pair (used off the registered path)."""
-
-    @staticmethod
-    def forward(x, weight, bias):
-        out = _triton().linear_relu_fwd(x, weight, bias)
-        return out, (x, weight, out, bias is not None)
-
-    @staticmethod
-    def backward(saved, needs, grad):
-        x, weight, out, has_bias = saved
-        mask = [needs[0], needs[1], has_bias and needs[2]]
-        dx, dw, db = _triton().linear_relu_bwd(grad, out, x, weight, mask)
-        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None)
-
-
-def _linear_relu_2d(x, weight, bias):
-    name = backend.resolve(x.device, _NAME, extra=("cublaslt",))
-    if name == "cublaslt":
-        from bigmodel.ops.linear_relu_cublaslt import linear_relu_cublaslt
-
-        return linear_relu_cublaslt(x, weight, bias)
-    if name == "reference":
-        return ref_linear_relu(x, weight, bias)
-    if name == backend.default_for(x.device.type) and _registry.has_ops():
-        return torch.ops.bigmodel.linear_relu(x, weight, bias)
-    if name == "triton":
-        return _registry.KernelFunction.apply(_TritonKernels, x, weight, bias)
-    _registry.require_ops()  # the C++ engine was asked for and is missing: say how to build it
-    raise AssertionError("unreachable")
+    dtype = cast or input.dtype
+    if dtype not in CPU_DTYPES or (dtype == torch.float64 and input.device.type == "cuda"):
+        raise TypeError(f"{where}: dtype {dtype} is not supported on {input.device.type}")
 
 
 def linear_relu(input, weight, bias=None):
@@ -99,20 +73,20 @@ def linear_relu(input, weight, bias=None):
     Returns:
         Tensor of shape ``(*, out_features)``. NaN in an input row gives NaN in that output row.
 
-    Runs on the backend in force (see :func:`bigmodel.use_backend`): the C++ engine for CPU
-    tensors, Triton for CUDA tensors. Supports float32, float16, bfloat16 (and float64 on CPU),
-    autograd, autocast and ``torch.compile``.
+    Runs on the backend in force (see :func:`bigmodel.use_backend`): the registered op
+    ``torch.ops.bigmodel.linear_relu`` (the C++ engine for CPU tensors, Triton or cuBLASLt for
+    CUDA tensors) or the plain-PyTorch reference. Supports float32, float16, bfloat16 (and
+    float64 on CPU), autograd, autocast and ``torch.compile``.
     """
-    if (isinstance(input, torch.Tensor) and input.device.type in ("cpu", "cuda")
-            and torch.is_autocast_enabled(input.device.type)):
-        # As F.linear under autocast: compute in the autocast dtype.
-        dtype = torch.get_autocast_dtype(input.device.type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
     _check(input, weight, bias)
     lead = input.shape[:-1]
-    x = input.reshape(-1, input.shape[-1])  # a view whenever the strides allow
-    out = _linear_relu_2d(x, weight, bias)
+    # (M, K) with M spelled out: reshape(-1, 0) is ambiguous for an empty K.
+    x = input.reshape(math.prod(lead), input.shape[-1])  # a view whenever the strides allow
+    if backend.resolve(x.device, _WHERE, _registry.triton_on_cpu(), cublaslt=True) == "reference":
+        out = ref_linear_relu(x, weight, bias)
+    else:
+        _registry.require_ops()
+        out = torch.ops.bigmodel.linear_relu(x, weight, bias)
     # 2-D in, the op's own tensor out (not a view: FSDP2 and in-place users prefer that).
     return out if input.dim() == 2 else out.reshape(*lead, weight.shape[0])
 
@@ -134,10 +108,14 @@ def _fake_backward(grad_output, output, input, weight, output_mask):
 
 
 def _cuda_forward(input, weight, bias):
+    if backend.current() == "cublaslt":
+        return _registry._C.cublaslt_linear_relu(input, weight, bias)
     return _triton().linear_relu_fwd(input, weight, bias)
 
 
 def _cuda_backward(grad_output, output, input, weight, output_mask):
+    if backend.current() == "cublaslt":
+        return _registry._C.cublaslt_linear_relu_backward(grad_output, output, input, weight, list(output_mask))
     return _triton().linear_relu_bwd(grad_output, output, input, weight, list(output_mask))
 
 
@@ -145,6 +123,6 @@ if _registry.has_ops():
     torch.library.register_fake("bigmodel::linear_relu", _fake_forward)
     torch.library.register_fake("bigmodel::linear_relu_backward", _fake_backward)
     # Autograd is registered in C++ (csrc/autograd/linear_relu.cpp): cheaper per call.
-    torch.library.register_kernel("bigmodel::linear_relu", "cuda", _cuda_forward)
-    torch.library.register_kernel("bigmodel::linear_relu_backward", "cuda", _cuda_backward)
+    _registry.register_cuda_kernel("linear_relu", _cuda_forward)
+    _registry.register_cuda_kernel("linear_relu_backward", _cuda_backward)
     _registry.register_autocast(_NAME)

@@ -1,10 +1,16 @@
-// cuBLASLt backend for linear+ReLU: bigmodel::linear_relu_cublaslt and its backward.
+// cuBLASLt backend of bigmodel::linear_relu: the CUDA kernel's choice under the 'cublaslt'
+// backend (bigmodel/ops/linear_relu.py calls these through bigmodel._C; they are not ops of their
+// own, so the op keeps one autograd, one fake kernel and one autocast).
 //
-//   forward   out = relu(x W^T + b) and a 1-bit ReLU mask, from ONE cublasLtMatmul whose epilogue
-//             (RELU_AUX_BIAS, or RELU_AUX without bias) adds the bias, applies the ReLU and
-//             writes the mask while the accumulator tile is still in registers.
-//   backward  dZ = grad * mask (one memory-bound pass), dX = dZ W (plain GEMM), and
-//             dW = dZ^T X with the BGRADB epilogue, which reduces db = sum_m dZ in the same GEMM.
+//   forward   out = relu(x W^T + b) from ONE cublasLtMatmul whose epilogue (RELU_AUX_BIAS, or
+//             RELU_AUX without bias) adds the bias and applies the ReLU while the accumulator tile
+//             is still in registers. The epilogue also writes a 1-bit ReLU mask (M * N / 8
+//             bytes), which the NaN fix-up below keeps consistent; the op's backward derives the
+//             mask from the saved output instead, as the Triton and C++ kernels do, so the mask
+//             is dropped (a candidate for the RELU_BIAS epilogue once measured on the H200).
+//   backward  dZ = grad where out > 0 or out is NaN (one memory-bound pass), dX = dZ W (plain
+//             GEMM), and dW = dZ^T X with the BGRADB epilogue, which reduces db = sum_m dZ in
+//             the same GEMM.
 //
 // Row-major <-> column-major: cuBLASLt is column-major, so a row-major (r, c) tensor with row
 // stride ld is, to cuBLASLt, the (c x r) matrix with leading dimension ld. Every product below is
@@ -12,7 +18,7 @@
 // bit matrix of out^T: column m of it (= output row m) starts at bit m * mask_ld, so as a uint8
 // tensor it is (M, mask_ld / 8), row-major. We assume bit n of a row is bit (n % 8) of byte n / 8
 // (LSB first), the only layout compatible with the header's "leading dimension in elements (i.e.
-// bits), divisible by 128"; tests/test_linear_relu_cublaslt.py checks it on the GPU.
+// bits), divisible by 128".
 //
 // Why the backward does not use DRELU_BGRAD: that epilogue applies the ReLU gradient to the
 // OUTPUT of a GEMM. In a stack of layers that GEMM is the NEXT layer's dX = dY W (its output is
@@ -64,6 +70,8 @@
 #include <tuple>
 #include <type_traits>
 #include <unordered_map>
+
+#include "cuda/linear_relu_cublaslt.h"
 
 namespace bigmodel {
 namespace {
@@ -215,40 +223,22 @@ __global__ void __launch_bounds__(kThreads) bias_relu_mask_kernel(T* __restrict_
   }
 }
 
-// dz = grad where the mask bit is set, else 0; one mask byte (8 elements) per thread. kVec: N and
-// the grad row stride are multiples of 8 and grad is aligned, so 8 elements move as one access.
+// dz = grad where out > 0 or out is NaN (torch's threshold_backward keeps NaN), else 0.
 template <typename T>
-struct alignas(8 * sizeof(T)) Pack8 {
-  T v[8];
-};
-
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) relu_mask_grad_kernel(const T* __restrict__ grad,
-                                                                  int64_t ldg,
-                                                                  const uint8_t* __restrict__ mask,
-                                                                  int64_t mask_ld_bytes,
-                                                                  T* __restrict__ dz, int64_t M,
-                                                                  int64_t N) {
-  const int64_t bytes_per_row = (N + 7) / 8;
-  const int64_t total = M * bytes_per_row;
+__global__ void __launch_bounds__(kThreads) relu_output_grad_kernel(const T* __restrict__ grad,
+                                                                    int64_t ldg,
+                                                                    const T* __restrict__ out,
+                                                                    int64_t ldo,
+                                                                    T* __restrict__ dz, int64_t M,
+                                                                    int64_t N) {
+  const int64_t total = M * N;
   const T zero = static_cast<T>(0.f);
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t m = idx / bytes_per_row;
-    const int64_t j = idx - m * bytes_per_row;
-    const unsigned int bits = mask[m * mask_ld_bytes + j];
-    const T* g = grad + m * ldg + j * 8;
-    T* d = dz + m * N + j * 8;
-    if (kVec) {
-      const Pack8<T> in = *reinterpret_cast<const Pack8<T>*>(g);
-      Pack8<T> res;
-#pragma unroll
-      for (int t = 0; t < 8; ++t) res.v[t] = ((bits >> t) & 1u) ? in.v[t] : zero;
-      *reinterpret_cast<Pack8<T>*>(d) = res;
-    } else {
-      const int64_t count = N - j * 8 < 8 ? N - j * 8 : 8;
-      for (int t = 0; t < count; ++t) d[t] = ((bits >> t) & 1u) ? g[t] : zero;
-    }
+    const int64_t m = idx / N;
+    const int64_t n = idx - m * N;
+    const float y = static_cast<float>(out[m * ldo + n]);
+    dz[idx] = y <= 0.f ? zero : grad[m * ldg + n];
   }
 }
 
@@ -268,7 +258,7 @@ cudaDataType_t cuda_dtype(at::ScalarType t) {
     case at::kBFloat16: return CUDA_R_16BF;
     default: break;
   }
-  TORCH_CHECK(false, "bigmodel::linear_relu_cublaslt: unsupported dtype ", t);
+  TORCH_CHECK(false, "bigmodel::linear_relu (cublaslt): unsupported dtype ", t);
 }
 
 // Calls f with a null pointer of the C++ type of `t` (float, c10::Half or c10::BFloat16).
@@ -278,7 +268,7 @@ void dispatch_dtype(at::ScalarType t, F&& f) {
     case at::kFloat: f(static_cast<float*>(nullptr)); break;
     case at::kHalf: f(static_cast<c10::Half*>(nullptr)); break;
     case at::kBFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
-    default: TORCH_CHECK(false, "bigmodel::linear_relu_cublaslt: unsupported dtype ", t);
+    default: TORCH_CHECK(false, "bigmodel::linear_relu (cublaslt): unsupported dtype ", t);
   }
 }
 
@@ -508,7 +498,7 @@ std::string describe(const at::Tensor& t) {
 
 void check_forward_inputs(const at::Tensor& input, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias) {
-  const char* op = "bigmodel::linear_relu_cublaslt: ";
+  const char* op = "bigmodel::linear_relu (cublaslt): ";
   TORCH_CHECK_VALUE(input.dim() == 2 && weight.dim() == 2, op,
                     "expected 2-D input (M, K) and weight (N, K), got input ", input.sizes(),
                     " and weight ", weight.sizes());
@@ -532,12 +522,10 @@ void check_forward_inputs(const at::Tensor& input, const at::Tensor& weight,
   }
 }
 
-// ------------------------------------------------------------------------------------------
-// The ops.
-
-std::tuple<at::Tensor, at::Tensor> linear_relu_cublaslt_forward(const at::Tensor& input,
-                                                                const at::Tensor& weight,
-                                                                const std::optional<at::Tensor>& bias_opt) {
+// out and the ReLU mask.
+std::tuple<at::Tensor, at::Tensor> forward_with_mask(const at::Tensor& input,
+                                                     const at::Tensor& weight,
+                                                     const std::optional<at::Tensor>& bias_opt) {
   check_forward_inputs(input, weight, bias_opt);
   c10::cuda::CUDAGuard guard(input.device());
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
@@ -617,7 +605,7 @@ std::tuple<at::Tensor, at::Tensor> linear_relu_cublaslt_forward(const at::Tensor
   LtGemm gemm{dtype, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, w.data_ptr(), ldw, x.data_ptr(), ldx,
               out.data_ptr(), N};
   TORCH_CHECK_NOT_IMPLEMENTED(gemm.prepare(),
-                              "bigmodel::linear_relu_cublaslt: cuBLASLt has no algorithm for input ",
+                              "bigmodel::linear_relu (cublaslt): cuBLASLt has no algorithm for input ",
                               describe(input), " x weight ", describe(weight),
                               "; use another backend (triton) for this shape/alignment");
   gemm.run(input);
@@ -631,25 +619,32 @@ std::tuple<at::Tensor, at::Tensor> linear_relu_cublaslt_forward(const at::Tensor
   return {out, mask};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_cublaslt_backward(
-    const at::Tensor& grad_output, const at::Tensor& relu_mask, const at::Tensor& input,
+}  // namespace
+
+namespace cublaslt {
+
+at::Tensor linear_relu_forward(const at::Tensor& input, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias) {
+  return std::get<0>(forward_with_mask(input, weight, bias));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
     const at::Tensor& weight, std::array<bool, 3> output_mask) {
-  const char* op = "bigmodel::linear_relu_cublaslt_backward: ";
+  const char* op = "bigmodel::linear_relu_backward (cublaslt): ";
   check_forward_inputs(input, weight, std::nullopt);
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const at::ScalarType dtype = input.scalar_type();
-  TORCH_CHECK_VALUE(grad_output.dim() == 2 && grad_output.size(0) == M && grad_output.size(1) == N, op,
-                    "grad_output must be (", M, ", ", N, ") for input ", input.sizes(), " and weight ",
-                    weight.sizes(), ", got ", grad_output.sizes());
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == dtype, op, "grad_output dtype ",
-                   grad_output.scalar_type(), " does not match input dtype ", dtype);
-  TORCH_CHECK_VALUE(grad_output.device() == input.device() && relu_mask.device() == input.device(), op,
-                    "grad_output, relu_mask and input must be on one device");
-  const int64_t mask_ld = mask_ld_bits(N);
-  TORCH_CHECK_VALUE(relu_mask.scalar_type() == at::kByte && relu_mask.dim() == 2 &&
-                        relu_mask.size(0) == M && relu_mask.size(1) == mask_ld / 8,
-                    op, "relu_mask must be uint8 (", M, ", ", mask_ld / 8,
-                    ") as the forward returns it, got ", relu_mask.scalar_type(), " ", relu_mask.sizes());
+  for (const at::Tensor* t : {&grad_output, &output}) {
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == M && t->size(1) == N, op,
+                      "grad_output and output must be (", M, ", ", N, ") for input ", input.sizes(),
+                      " and weight ", weight.sizes(), ", got ", grad_output.sizes(), " and ",
+                      output.sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == dtype, op, "grad_output and output must have the input's dtype ",
+                     dtype, ", got ", grad_output.scalar_type(), " and ", output.scalar_type());
+    TORCH_CHECK_VALUE(t->device() == input.device(), op,
+                      "grad_output, output and input must be on one device");
+  }
 
   const auto opts = input.options();
   at::Tensor dx = output_mask[0] ? at::Tensor() : at::empty({0}, opts);
@@ -666,23 +661,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_cublaslt_backward(
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor g = as_row_major(grad_output);
-  const int64_t ldg = row_major_ld(g);
-  const at::Tensor mask = relu_mask.contiguous();
+  const at::Tensor y = as_row_major(output);
 
-  // dZ = grad * mask, materialised once: both gradient GEMMs read it as an operand.
+  // dZ materialised once: both gradient GEMMs read it as an operand.
   at::Tensor dz = at::empty({M, N}, opts);
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    const int grid = grid_for(M * ((N + 7) / 8), kThreads, 8);
-    const bool vec = N % 8 == 0 && ldg % 8 == 0 &&
-                     reinterpret_cast<uintptr_t>(g.data_ptr()) % sizeof(Pack8<T>) == 0;
-    if (vec) {
-      relu_mask_grad_kernel<T, true><<<grid, kThreads, 0, stream>>>(
-          g.data_ptr<T>(), ldg, mask.data_ptr<uint8_t>(), mask_ld / 8, dz.data_ptr<T>(), M, N);
-    } else {
-      relu_mask_grad_kernel<T, false><<<grid, kThreads, 0, stream>>>(
-          g.data_ptr<T>(), ldg, mask.data_ptr<uint8_t>(), mask_ld / 8, dz.data_ptr<T>(), M, N);
-    }
+    relu_output_grad_kernel<T><<<grid_for(M * N, kThreads, 8), kThreads, 0, stream>>>(
+        g.data_ptr<T>(), row_major_ld(g), y.data_ptr<T>(), row_major_ld(y), dz.data_ptr<T>(), M, N);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
@@ -730,11 +716,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_cublaslt_backward(
   return {dx, dw, db};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(bigmodel, CUDA, m) {
-  m.impl("linear_relu_cublaslt", &linear_relu_cublaslt_forward);
-  m.impl("linear_relu_cublaslt_backward", &linear_relu_cublaslt_backward);
-}
-
+}  // namespace cublaslt
 }  // namespace bigmodel

@@ -1,6 +1,6 @@
 """Property-based fuzzing of bigmodel.linear_relu against the float64 reference, forward and
-backward, on every path CI runs: the C++ engine ('cpp') and the Triton kernels under the
-interpreter ('triton').
+backward, by the house rule (tests/tolerances.py), on every path CI runs: the C++ engine ('cpp')
+and the Triton kernels under the interpreter ('triton'; see tests/paths.py).
 
 Each example is a plain dict (a *spec*: backend, dtype, shapes, layouts, seed) that builds its
 tensors deterministically, so a failing example is replayed by pasting the spec hypothesis prints
@@ -10,14 +10,13 @@ Hypothesis profiles are in tests/fuzzing.py (``CI`` set: derandomized, no databa
 """
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import bigmodel
-from bigmodel.reference import ref_linear_relu
 from fuzzing import fuzz_settings, regression_params
-from relu_grads import relu_grads_through_output
-from tolerances import assert_close_gemm
+from paths import on
+from peers import assert_linear_relu_matches
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -48,7 +47,7 @@ def specs(draw, backend):
         backend=backend,
         dtype=draw(st.sampled_from(PATH_DTYPES[backend])),
         lead=lead,
-        k=draw(st.one_of(st.sampled_from([1, 7, 16, 33, 40, 64]), st.integers(1, lim["k"]))),
+        k=draw(st.one_of(st.sampled_from([0, 1, 7, 16, 33, 40, 64]), st.integers(1, lim["k"]))),
         n=draw(st.one_of(st.sampled_from([1, 7, 17, 32]), st.integers(1, lim["n"]))),
         bias=draw(st.booleans()),
         x_layout=draw(st.sampled_from(X_LAYOUTS)),
@@ -85,7 +84,7 @@ def build(spec):
     dtype, device = DTYPES[spec["dtype"]], _device(spec)
     k, n, lead = spec["k"], spec["n"], list(spec["lead"])
     # Scaled so pre-activations are O(1) in every dtype and about half the outputs are positive.
-    scale = k ** -0.25
+    scale = max(k, 1) ** -0.25
 
     def rand(*shape, s=scale):
         # Drawn on the CPU (one stream of numbers per seed on every device), laid out on the device.
@@ -105,13 +104,6 @@ def build(spec):
     return x, w, b
 
 
-def known_bug(spec):
-    """Why a spec is expected to fail today (a bug reported to the kernel's owner), or None.
-    The fuzz tests skip these; tests/regressions/linear_relu.json keeps one as a strict xfail, so
-    the fix is noticed: then delete the entry here and the xfail there."""
-    return None
-
-
 def check(spec):
     """Forward against float64; backward against the float64 gradients of the same ReLU mask."""
     dtype = DTYPES[spec["dtype"]]
@@ -123,39 +115,25 @@ def check(spec):
         if t is not None and need:
             t.requires_grad_(True)
             leaves.append(t)
-    with bigmodel.use_backend(_backend(spec)):
+    with on(_backend(spec)):
         y = bigmodel.linear_relu(x, w, b)
         assert y.dtype == dtype and y.shape == (*x.shape[:-1], w.shape[0]) and y.device == x.device
         gen = torch.Generator().manual_seed(spec["seed"] + 1)
         grad = torch.randn(y.shape, generator=gen).to(y.device, dtype)
         grads = torch.autograd.grad(y, leaves, grad) if leaves else ()
-    x64, w64 = x.detach().double(), w.detach().double()
-    b64 = b.detach().double() if b is not None else None
-    k, n = spec["k"], spec["n"]
-    m = x.numel() // max(k, 1)
-    assert_close_gemm(y, ref_linear_relu(x64, w64, b64), dtype, k, f"forward {spec}")
-    if not leaves:
-        return
-    # The reference gradients take the ReLU mask from our output (see relu_grads).
-    gx, gw, gb = relu_grads_through_output(y, grad, x, w, b)
-    ref = {"x": gx, "w": gw, "b": gb}
     names = [nm for nm, t, need in zip("xwb", (x, w, b), want) if t is not None and need]
-    for nm, g in zip(names, grads):
-        reduce_len = n if nm == "x" else m
-        assert_close_gemm(g, ref[nm], dtype, max(reduce_len, 1), f"grad_{nm} {spec}")
+    assert_linear_relu_matches(y, x, w, b, grad, dict(zip(names, grads)), f"{spec}")
 
 
 @fuzz_settings(max_examples=80)
 @given(spec=specs("cpp"))
 def test_fuzz_cpp(spec):
-    assume(known_bug(spec) is None)
     check(spec)
 
 
 @fuzz_settings(max_examples=50)
 @given(spec=specs("triton"))
 def test_fuzz_triton_interpreted(spec):
-    assume(known_bug(spec) is None)
     check(spec)
 
 
@@ -164,11 +142,10 @@ def test_fuzz_triton_interpreted(spec):
 @given(spec=specs("cuda"))
 def test_fuzz_cuda(spec):
     """The compiled Triton kernels on the GPU (bench/device_check.sh), at larger sizes and in bf16."""
-    assume(known_bug(spec) is None)
     check(spec)
 
 
-@pytest.mark.parametrize("spec", regression_params("linear_relu", known_bug))
+@pytest.mark.parametrize("spec", regression_params("linear_relu"))
 def test_regression_cases(spec):
     """Examples kept from past failures (and hand-picked edge cases): replayed every run."""
     check(spec)

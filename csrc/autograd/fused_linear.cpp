@@ -1,0 +1,72 @@
+// Autograd for bigmodel::fused_linear, in C++ like every bigmodel op's (see
+// csrc/autograd/linear_relu.cpp for why). It saves what the op's backward needs: the input, the
+// weight, the output, and the pre-activation the op returns for GELU and SiLU (empty otherwise);
+// bigmodel::fused_linear_backward then runs on whichever device the tensors are.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace bigmodel {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using Forward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                   const std::optional<at::Tensor>&,
+                                                   c10::string_view, double);
+using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    c10::string_view, double, std::array<bool, 3>);
+
+class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, c10::string_view activation,
+                               double negative_slope) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bigmodel::fused_linear", "")
+                         .typed<Forward>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, pre] = op.call(input, weight, bias, activation, negative_slope);
+    ctx->save_for_backward({input, weight, out, pre});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->mark_non_differentiable({pre});
+    return {out, pre};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("bigmodel::fused_linear_backward", "")
+                         .typed<Backward>();
+    const auto s = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      has_bias && ctx->needs_input_grad(2)};
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    auto [dx, dw, db] = op.call(grads[0], s[2], s[3], s[0], s[1], activation,
+                                ctx->saved_data["negative_slope"].toDouble(), mask);
+    return {mask[0] ? dx : at::Tensor(), mask[1] ? dw : at::Tensor(), mask[2] ? db : at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         c10::string_view activation, double negative_slope) {
+  auto outs = FusedLinearFunction::apply(input, weight, bias, activation, negative_slope);
+  return {outs[0], outs[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bigmodel, Autograd, m) {
+  m.impl("fused_linear", &fused_linear_autograd);
+}
+
+}  // namespace bigmodel

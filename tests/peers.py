@@ -1,0 +1,183 @@
+"""The two things every accuracy test compares against (see tolerances.py): the float64 truth,
+and the same-dtype PyTorch computation (the peer) whose error sets the bound.
+
+linear_relu's gradients, in both, go through the ReLU mask of the output under test. A
+pre-activation within rounding of 0 may land on either side of the kink in fp32 while float64
+puts it on the other; one such element moves a whole grad_input row by grad * W[j] (seen in CI:
+0.42 against a 6e-5 tolerance, about once in 700 runs of a 1023x71 fp32 case). Both sides are
+right, and the backward must follow the output it was given (as torch's does). The forward is
+checked against float64 separately, so the masks can only differ where |pre-activation| is within
+the forward's tolerance of 0.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bigmodel.reference import ref_activation, ref_attention, ref_fused_linear, ref_linear_relu
+from tolerances import FORWARD, assert_grads_match, assert_matches, magnitude, rms
+
+
+def _detached(dtype, *tensors):
+    return [None if t is None else t.detach().to(dtype) for t in tensors]
+
+
+def linear_relu_grads(y, grad, x, w, b=None, dtype=torch.float64):
+    """(grad_x, grad_w, grad_b) of relu(x W^T + b) computed in ``dtype``, through the mask of ``y``
+    (the gradient passes where y > 0 or y is NaN, as torch's threshold_backward lets it).
+    grad_b is None without b. In a 16-bit dtype each product rounds once, as torch's own."""
+    n, k = w.shape
+    m = math.prod(x.shape[:-1])  # spelled out: reshape(-1, 0) is ambiguous for an empty K
+    x2, w2 = x.detach().to(dtype).reshape(m, k), w.detach().to(dtype)
+    passes = ~(y.detach() <= 0)
+    gz = (grad.detach().to(dtype) * passes).reshape(m, n)
+    grad_b = gz.sum(0) if b is not None else None
+    return (gz @ w2).reshape(x.shape), gz.t() @ x2, grad_b
+
+
+def _flash_backward(q, k, v, out, grad, attn_mask, is_causal, scale, enable_gqa, dropout_p, keep):
+    """(dq, dk, dv) the way FlashAttention (and torch's CPU flash kernel) computes them, in torch
+    ops at torch's accumulation precision (fp32 for 16-bit inputs, fp64 for fp64), rounded once to
+    the inputs' dtype: P recomputed from the scores, D = rowsum(dO * O) from the stored output,
+    dS = P * (dP - D). Its D - dP cancellation leaves rounding noise in gradients that are exactly
+    0 in theory (one visible key: dq = dk = 0), as every FlashAttention backward does; torch's math
+    path, whose softmax backward cancels exactly there, would not be a fair peer."""
+    dtype = q.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    qa, ka, va, ga, oa = (t.detach().to(acc) for t in (q, k, v, grad, out))
+    heads = qa.shape[-3] if qa.dim() >= 3 else 1
+    if enable_gqa and ka.dim() >= 3 and ka.shape[-3] != heads:
+        ka, va = (t.repeat_interleave(heads // t.shape[-3], dim=-3) for t in (ka, va))
+    mask = attn_mask.to(acc) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+    # P (without dropout) by the reference's own rules: attention over the identity as values.
+    S = ka.shape[-2]
+    eye = torch.eye(S, dtype=acc).expand(*ka.shape[:-2], S, S)
+    p = ref_attention(qa, ka, eye, mask, 0.0, is_causal, scale)
+    scale = 1.0 / math.sqrt(qa.shape[-1]) if scale is None else scale
+    drop = keep.to(acc) / (1.0 - dropout_p) if keep is not None else 1.0
+    dv = (p * drop).transpose(-2, -1) @ ga
+    ds = p * ((ga @ va.transpose(-2, -1)) * drop - (ga * oa).sum(-1, keepdim=True))
+    dq = ds @ ka * scale
+    dk = ds.transpose(-2, -1) @ qa * scale
+
+    def back_to(g, like):
+        if g.dim() >= 3 and like.dim() >= 3 and g.shape[-3] != like.shape[-3] and like.shape[-3] != 1:
+            g = g.unflatten(-3, (like.shape[-3], g.shape[-3] // like.shape[-3])).sum(-3)
+        return g.sum_to_size(like.shape).to(dtype)
+
+    return back_to(dq, q), back_to(dk, k), back_to(dv, v)
+
+
+def attention_truth_and_peer(q, k, v, grad, attn_mask=None, is_causal=False, scale=None,
+                             enable_gqa=False, dropout_p=0.0, dropout_keep=None):
+    """((out64, (dq, dk, dv)64), (out_peer, grads_peer)) for SDPA-contract inputs of any shape.
+
+    The truth is bigmodel.reference.ref_attention in float64 (autograd through it). The peer's
+    output is torch's own SDPA in the inputs' dtype (its CPU flash kernel accumulates 16-bit
+    inputs in fp32, as ours does; with dropout, torch's math path given the same keep mask); its
+    gradients are FlashAttention's formulas at torch's precision (see _flash_backward)."""
+    def rank(t):
+        # torch's SDPA wants inputs of one rank, at least 4-D: pad with leading 1s (views).
+        return t.reshape((1,) * (max(q.dim(), k.dim(), v.dim(), 4) - t.dim()) + tuple(t.shape))
+
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    mask64 = attn_mask.double() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+    out64 = ref_attention(*leaves, mask64, dropout_p, is_causal, scale, enable_gqa, dropout_keep)
+    grads64 = torch.autograd.grad(out64, leaves, grad.double())
+    q_, k_, v_ = (rank(t.detach()) for t in (q, k, v))
+    mask = attn_mask.to(q.dtype) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+    if dropout_keep is None:
+        peer = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
+    else:
+        peer = torch.ops.aten._scaled_dot_product_attention_math(
+            q_, k_, v_, mask, dropout_p, is_causal, dropout_keep.to(q.dtype), scale=scale,
+            enable_gqa=enable_gqa)[0]
+    peer = peer.reshape(out64.shape)
+    peer_grads = _flash_backward(q, k, v, peer, grad, attn_mask, is_causal, scale, enable_gqa, dropout_p,
+                                 dropout_keep)
+    return (out64.detach(), grads64), (peer, peer_grads)
+
+
+def assert_linear_relu_matches(y, x, w, b, grad=None, grads=None, what=""):
+    """The house rule for bigmodel.linear_relu's output ``y`` and, when given, its gradients
+    ``grads`` = {'x' | 'w' | 'b': tensor} for the upstream gradient ``grad``."""
+    assert_fused_linear_matches(y, x, w, b, "relu", grad=grad, grads=grads, what=what)
+
+
+def _arithmetic_scales(out64, grads64, q, k, v, grad, attn_mask, scale, enable_gqa):
+    """(rms, max) sizes of what the kernels' fp32 arithmetic rounds, for the floors'
+    ACCUMULATED_ULPS part (tolerances.check): the output times the largest |score| (exp(s - m)
+    and exp(s - lse) are off by eps * |s|), and for the gradients also the dot products that the
+    backward's D - dP cancels (scale * max |dO| . |V| * max |Q|, |K|), which are far larger than a
+    gradient that cancels to 0 (one visible key: dq = dk = 0)."""
+    q64, k64, v64, g64 = (t.detach().double() for t in (q, k, v, grad))
+    if enable_gqa and k64.dim() >= 3 and q64.dim() >= 3 and k64.shape[-3] != q64.shape[-3]:
+        k64, v64 = (t.repeat_interleave(q64.shape[-3] // t.shape[-3], dim=-3) for t in (k64, v64))
+    s = 1.0 / math.sqrt(q64.shape[-1]) if scale is None else scale
+    scores = (q64 @ k64.transpose(-2, -1)) * s
+    if attn_mask is not None and attn_mask.is_floating_point():
+        scores = scores + attn_mask.double()
+    finite = scores[torch.isfinite(scores)]
+    smax = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    out = (rms(out64) * smax, magnitude(out64) * smax)
+    if grads64 is None or not g64.numel() or not v64.numel():
+        return out, None
+    terms = (g64.abs() @ v64.abs().transpose(-2, -1)).max().item() * s * max(magnitude(q64), magnitude(k64))
+    grads = (max(rms(g) for g in grads64) * smax + terms, max(magnitude(g) for g in grads64) * smax + terms)
+    return out, grads
+
+
+def assert_attention_matches(out, q, k, v, grad=None, grads=None, what="", **kwargs):
+    """The house rule for bigmodel.scaled_dot_product_attention's output ``out`` (and, when given,
+    its (dq, dk, dv) ``grads`` for the upstream gradient ``grad``); ``kwargs`` are SDPA's."""
+    upstream = torch.randn_like(out) if grad is None else grad
+    (out64, grads64), (peer, peer_grads) = attention_truth_and_peer(q, k, v, upstream, **kwargs)
+    assert out.shape == out64.shape and out.dtype == q.dtype, f"{what}: {tuple(out.shape)} {out.dtype}"
+    acc_out, acc_grads = _arithmetic_scales(out64, grads64 if grads is not None else None, q, k, v, upstream,
+                                            kwargs.get("attn_mask"), kwargs.get("scale"),
+                                            kwargs.get("enable_gqa", False))
+    assert_matches(out, peer, out64, FORWARD, f"{what} output", accumulated=acc_out)
+    if grads is not None:
+        assert_grads_match(grads, peer_grads, grads64, ["dq", "dk", "dv"], what, accumulated=acc_grads)
+
+
+def fused_linear_truth_and_peer(x, w, b, grad, y, activation, negative_slope=0.01, approximate="none"):
+    """((out64, grads64), (out_peer, grads_peer)) for bigmodel.fused_linear's output ``y``: the
+    truth in float64, the peer torch's eager act(F.linear) in the inputs' dtype (its backward by
+    autograd, as eager runs it). Where the derivative jumps (ReLU, LeakyReLU at 0) both take the
+    branch from ``y``, for the reason linear_relu_grads gives."""
+    kink = activation in ("relu", "leaky_relu")
+    slope = 0.0 if activation == "relu" else negative_slope
+
+    def run(dtype):
+        leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+        out = ref_fused_linear(*leaves, activation, negative_slope, approximate)
+        if not kink:
+            live = [t for t in leaves if t is not None]
+            got = list(torch.autograd.grad(out, live, grad.to(dtype))) + [None]
+            return out.detach(), tuple(got[:3])
+        n, k = w.shape
+        m = math.prod(x.shape[:-1])
+        positive = ~(y.detach() <= 0) if slope >= 0 else F.linear(*leaves).detach() > 0
+        g = grad.detach().to(dtype)
+        dz = torch.where(positive, g, g * slope).reshape(m, n)  # slope as a Python float: no fp32 rounding
+        xs, ws = leaves[0].detach().reshape(m, k), leaves[1].detach()
+        return out.detach(), ((dz @ ws).reshape(x.shape), dz.t() @ xs, dz.sum(0) if b is not None else None)
+
+    return run(torch.float64), run(x.dtype)
+
+
+def assert_fused_linear_matches(y, x, w, b, activation, negative_slope=0.01, approximate="none", grad=None,
+                                grads=None, what=""):
+    """The house rule for bigmodel.fused_linear's output and, when given, its gradients
+    ``grads`` = {'x' | 'w' | 'b': tensor} for the upstream gradient ``grad``."""
+    (out64, grads64), (peer, peer_grads) = fused_linear_truth_and_peer(
+        x, w, b, y if grad is None else grad, y, activation, negative_slope, approximate)
+    assert y.shape == out64.shape and y.dtype == x.dtype, f"{what}: {tuple(y.shape)} {y.dtype}"
+    assert_matches(y, peer, out64, FORWARD, f"{what} forward")
+    if grads:
+        index = {"x": 0, "w": 1, "b": 2}
+        names = sorted(grads, key=index.get)
+        assert_grads_match([grads[n] for n in names], [peer_grads[index[n]] for n in names],
+                           [grads64[index[n]] for n in names], [f"grad_{n}" for n in names], what)

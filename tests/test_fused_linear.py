@@ -1,0 +1,168 @@
+"""bigmodel.fused_linear, bigmodel::fused_linear and nn.FusedLinear for every activation, on every
+path CI runs (tests/paths.py), against the float64 reference by the house rule
+(tests/tolerances.py), with torch's eager act(F.linear) in the same dtype as the peer.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bigmodel
+from bigmodel.reference import ref_fused_linear
+from paths import PATHS, on
+from peers import assert_fused_linear_matches
+
+# (activation, negative_slope, approximate): every activation, GELU both ways, LeakyReLU with a
+# negative slope too (its backward then needs the pre-activation).
+ACTIVATIONS = [(None, 0.01, "none"), ("relu", 0.01, "none"), ("leaky_relu", 0.01, "none"),
+               ("leaky_relu", -0.3, "none"), ("gelu", 0.01, "none"), ("gelu", 0.01, "tanh"),
+               ("silu", 0.01, "none"), ("tanh", 0.01, "none"), ("sigmoid", 0.01, "none")]
+IDS = ["none", "relu", "leaky", "leaky-neg", "gelu", "gelu-tanh", "silu", "tanh", "sigmoid"]
+SHAPES = {"cpp": [(1, 1, 1), (7, 13, 5), (113, 64, 33), (1023, 130, 71)],
+          "triton": [(1, 7, 5), (33, 40, 17)]}
+
+
+def _inputs(m, k, n, dtype, bias=True):
+    x = (torch.randn(m, k) / max(k, 1)**0.25).to(dtype).requires_grad_()
+    w = (torch.randn(n, k) / max(k, 1)**0.25).to(dtype).requires_grad_()
+    b = torch.randn(n).to(dtype).requires_grad_() if bias else None
+    return x, w, b
+
+
+def _check(path, x, w, b, act, what=""):
+    name, slope, approx = act
+    with on(path):
+        y = bigmodel.fused_linear(x, w, b, name, slope, approx)
+        grad = torch.randn_like(y)
+        leaves = {n: t for n, t in zip("xwb", (x, w, b)) if t is not None and t.requires_grad}
+        grads = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), grad)))
+    assert_fused_linear_matches(y, x, w, b, name, slope, approx, grad, grads, f"{path} {name} {what}")
+    return y
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)
+@pytest.mark.parametrize("path,dtype", PATHS, ids=str)
+def test_matches_float64_reference(path, dtype, act):
+    for m, k, n in SHAPES[path]:
+        for bias in (True, False):
+            _check(path, *_inputs(m, k, n, dtype, bias), act, f"{(m, k, n)} bias={bias}")
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)
+@pytest.mark.parametrize("path", ["cpp", "triton", "reference"])
+def test_nd_strided_and_empty_inputs(path, act):
+    _, w, b = _inputs(1, 33, 17, torch.float32)
+    for x in (torch.randn(2, 5, 33), torch.randn(33), torch.randn(33, 9).t(), torch.randn(9, 66)[:, ::2]):
+        _check(path, x.requires_grad_(), w, b, act, f"x {tuple(x.shape)} strides {x.stride()}")
+    _check(path, torch.randn(2, 5, 33, requires_grad=True), torch.randn(33, 17).t().requires_grad_(),
+           torch.randn(34)[::2].requires_grad_(), act, "strided weight and bias")
+    name, slope, approx = act
+    with on(path):
+        empty = bigmodel.fused_linear(torch.randn(0, 3, 33), w, b, name, slope, approx)
+        no_k = bigmodel.fused_linear(torch.randn(4, 0), torch.randn(5, 0), b[:5].detach(), name, slope, approx)
+    assert empty.shape == (0, 3, 17)
+    torch.testing.assert_close(no_k, ref_fused_linear(torch.randn(4, 0), torch.randn(5, 0), b[:5].detach(),
+                                                      name, slope, approx))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)
+@pytest.mark.parametrize("path,dtype", PATHS, ids=str)
+def test_nan_and_inf_as_torch(path, dtype, act):
+    """NaN in a row reaches exactly that row; +-inf pre-activations give what torch's function
+    gives in float64 (tanh(inf) = 1, sigmoid(-inf) = 0, gelu(-inf) = NaN as -inf * 0). One
+    difference from torch's own 16/32-bit kernels: GELU(+inf) is +inf, as torch gives it in
+    float64 and fp16, where its fp32 and bf16 kernels give NaN."""
+    name, slope, approx = act
+    x, w = torch.randn(30, 16).to(dtype), torch.randn(12, 16).to(dtype)
+    x[3, 5] = float("nan")
+    x[4, 2], x[7, 1] = float("inf"), float("-inf")
+    w[9, 2] = 0.0
+    with on(path):
+        y = bigmodel.fused_linear(x, w, None, name, slope, approx)
+    ref = ref_fused_linear(x.double(), w.double(), None, name, slope, approx)
+    assert torch.equal(y.isnan(), ref.isnan()), (y.isnan() ^ ref.isnan()).nonzero()[:5].tolist()
+    assert torch.equal(y.isinf(), ref.isinf())
+    finite = torch.isfinite(ref)
+    assert torch.equal(y.double()[~finite & ~ref.isnan()], ref[~finite & ~ref.isnan()])
+    assert torch.isnan(y[3]).all()
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)
+def test_gradcheck_and_opcheck(act):
+    name, slope, approx = act
+    x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((6, 5), (4, 5), (4,)))
+    assert torch.autograd.gradcheck(lambda *a: bigmodel.fused_linear(*a, name, slope, approx), (x, w, b))
+    if name == "relu":
+        return  # bigmodel::linear_relu: tests/test_linear_relu.py
+    op_name = {None: "none", "gelu": "gelu" if approx == "none" else "gelu_tanh"}.get(name, name)
+    for sample in [(torch.randn(7, 5), torch.randn(3, 5), torch.randn(3)),
+                   (torch.randn(5, 7).t().requires_grad_(), torch.randn(3, 5).requires_grad_(), None),
+                   (torch.randn(0, 5), torch.randn(3, 5), torch.randn(3)), (torch.randn(7, 0), torch.randn(3, 0), None)]:
+        torch.library.opcheck(torch.ops.bigmodel.fused_linear.default, (*sample, op_name, slope))
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)
+def test_torch_compile_fullgraph_and_autocast(act):
+    name, slope, approx = act
+    torch._dynamo.reset()
+    layer = bigmodel.nn.FusedLinear(12, 9, activation=name, negative_slope=slope, approximate=approx)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 12, requires_grad=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+    (gx,) = torch.autograd.grad(compiled(x).sum(), x)
+    (gx_ref,) = torch.autograd.grad(layer(x).sum(), x)
+    torch.testing.assert_close(gx, gx_ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        ref = ref_fused_linear(x, layer.weight, layer.bias, name, slope, approx)
+    assert y.dtype == ref.dtype == torch.bfloat16
+
+
+def test_bad_arguments_raise_clear_errors():
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        bigmodel.fused_linear(x, w, None, "swish")
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
+        bigmodel.fused_linear(x, w, None, "gelu", approximate="erf")
+    with pytest.raises(TypeError, match="negative_slope must be a float"):
+        bigmodel.fused_linear(x, w, None, "leaky_relu", "0.1")
+    with pytest.raises(ValueError, match=r"bigmodel.fused_linear: input's last dimension \(4\)"):
+        bigmodel.fused_linear(x, torch.randn(5, 6), None, "gelu")
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        torch.ops.bigmodel.fused_linear(x, w, None, "swish", 0.0)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        bigmodel.nn.FusedLinear(4, 5, activation="swish")
+
+
+class TestFusedLinear:
+    def test_parameters_init_state_dict_and_repr(self):
+        torch.manual_seed(0)
+        ours = bigmodel.nn.FusedLinear(20, 7, activation="leaky_relu", negative_slope=0.2)
+        torch.manual_seed(0)
+        theirs = torch.nn.Linear(20, 7)
+        assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight", "bias"]
+        assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+        assert repr(ours) == ("FusedLinear(in_features=20, out_features=7, bias=True, activation='leaky_relu', "
+                              "negative_slope=0.2)")
+        assert repr(bigmodel.nn.FusedLinear(3, 2, activation="gelu", approximate="tanh")).endswith(
+            "activation='gelu', approximate='tanh')")
+        assert isinstance(ours, torch.nn.Linear)
+
+    @pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)
+    def test_loads_linear_state_dict_both_ways_and_matches(self, act):
+        name, slope, approx = act
+        linear = torch.nn.Linear(11, 6, dtype=torch.float64)
+        fused = bigmodel.nn.FusedLinear(11, 6, activation=name, negative_slope=slope, approximate=approx,
+                                        dtype=torch.float64)
+        fused.load_state_dict(linear.state_dict(), strict=True)
+        linear.load_state_dict(fused.state_dict(), strict=True)
+        x = torch.randn(4, 3, 11, dtype=torch.float64)
+        torch.testing.assert_close(fused(x), ref_fused_linear(x, linear.weight, linear.bias, name, slope, approx))
+
+    def test_from_linear_shares_parameters(self):
+        linear = torch.nn.Linear(4, 3)
+        fused = bigmodel.nn.FusedLinear.from_linear(linear, "silu")
+        assert fused.weight is linear.weight and fused.bias is linear.bias and fused.activation == "silu"
+        relu = bigmodel.nn.FusedLinearReLU.from_linear(linear)
+        assert type(relu) is bigmodel.nn.FusedLinearReLU and relu.weight is linear.weight
+        assert torch.equal(relu(torch.ones(2, 4)), F.relu(linear(torch.ones(2, 4))))

@@ -1,0 +1,92 @@
+"""The comparison helpers must reject planted errors: a test that cannot fail is a defect.
+
+Each case computes bigmodel's real output (and gradients), checks that the house rule accepts it,
+then plants one error the review found the old tolerances let through and checks that the rule
+rejects it: 1% in fp16/bf16 at large K and at long key lengths, 1e-4 in fp32, a dropped last K
+tile, a wrong bias broadcast, and 2% / 1% in a gradient.
+"""
+import pytest
+import torch
+
+import bigmodel
+from peers import attention_truth_and_peer, fused_linear_truth_and_peer
+from tolerances import FORWARD, GRADIENT, check
+
+LOW = [torch.float16, torch.bfloat16]
+ALL = [torch.float32, *LOW]
+M, K, N = 256, 784, 512  # the seed's first layer; K is not a multiple of 64 (12 tiles + 16)
+
+
+def _linear(dtype, m=M, k=K, n=N):
+    x = (torch.randn(m, k) / k**0.25).to(dtype).requires_grad_()
+    w = (torch.randn(n, k) / k**0.25).to(dtype).requires_grad_()
+    b = torch.randn(n).to(dtype).requires_grad_()
+    y = bigmodel.linear_relu(x, w, b)
+    grad = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), grad)
+    (out64, grads64), (peer, peer_grads) = fused_linear_truth_and_peer(x, w, b, grad, y, "relu")
+    return dict(x=x, w=w, b=b, y=y.detach(), grads=grads, out64=out64, grads64=grads64, peer=peer,
+                peer_grads=peer_grads)
+
+
+def _attention(dtype, L=64, S=512, E=64):
+    q, k, v = (torch.randn(2, 4, n, E).to(dtype).requires_grad_() for n in (L, S, S))
+    out = bigmodel.scaled_dot_product_attention(q, k, v)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    (out64, grads64), (peer, peer_grads) = attention_truth_and_peer(q, k, v, grad)
+    return dict(y=out.detach(), grads=grads, out64=out64, grads64=grads64, peer=peer, peer_grads=peer_grads)
+
+
+def _accepts(case, y):
+    return not check(y, case["peer"], case["out64"], FORWARD, "planted")
+
+
+@pytest.mark.parametrize("make", [_linear, _attention], ids=["linear_relu", "attention"])
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+def test_the_rule_accepts_the_real_output_and_gradients(make, dtype):
+    case = make(dtype)
+    assert _accepts(case, case["y"]), check(case["y"], case["peer"], case["out64"], FORWARD)
+    for g, p, r in zip(case["grads"], case["peer_grads"], case["grads64"]):
+        assert not check(g, p, r, GRADIENT)
+
+
+@pytest.mark.parametrize("make", [_linear, _attention], ids=["linear_relu_K784", "attention_S512"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_one_percent_in_half_precision_is_rejected(make, dtype):
+    case = make(dtype)
+    assert not _accepts(case, (case["y"].double() * 1.01).to(dtype))
+
+
+@pytest.mark.parametrize("make", [_linear, _attention], ids=["linear_relu", "attention"])
+def test_1e4_in_fp32_is_rejected(make):
+    case = make(torch.float32)
+    assert not _accepts(case, case["y"] * (1 + 1e-4))
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+def test_a_dropped_last_k_tile_is_rejected(dtype):
+    case = _linear(dtype)
+    kept = K // 64 * 64  # what a kernel that forgets the last, partial tile sums
+    x, w, b = case["x"].detach(), case["w"].detach(), case["b"].detach()
+    dropped = torch.relu(x[:, :kept].float() @ w[:, :kept].float().t() + b.float()).to(dtype)
+    assert not _accepts(case, dropped)
+
+
+@pytest.mark.parametrize("dtype", ALL, ids=str)
+def test_a_wrong_bias_broadcast_is_rejected(dtype):
+    case = _linear(dtype, m=N)  # square, so the bias added along the rows has a valid shape
+    x, w, b = case["x"].detach(), case["w"].detach(), case["b"].detach()
+    wrong = torch.relu(x.float() @ w.float().t() + b.float()[:, None]).to(dtype)
+    assert not _accepts(case, wrong)
+
+
+@pytest.mark.parametrize("make", [_linear, _attention], ids=["linear_relu", "attention"])
+@pytest.mark.parametrize("dtype,error", [(torch.float32, 1e-4), (torch.float16, 0.01),
+                                         (torch.bfloat16, 0.02)], ids=str)
+def test_an_error_in_one_gradient_is_rejected(make, dtype, error):
+    case = make(dtype)
+    for i in range(3):
+        grads = list(case["grads"])
+        grads[i] = (grads[i].double() * (1 + error)).to(dtype)
+        assert check(grads[i], case["peer_grads"][i], case["grads64"][i], GRADIENT), f"gradient {i}"
