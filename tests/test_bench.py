@@ -292,3 +292,22 @@ def test_targets_by_level_and_readme_table(tmp_path):
     doc.write_text("a\n<!-- bench:cpu_avx512 -->\nold\n<!-- /bench:cpu_avx512 -->\nb\n")
     readme.write(str(doc), stem, block)
     assert "old" not in doc.read_text() and doc.read_text().endswith("<!-- /bench:cpu_avx512 -->\nb\n")
+
+
+def test_a_linear_activation_op_is_one_table_entry(monkeypatch):
+    """Issue 14's fused_linear rows: one LinearAct entry gives the op its sweep and providers."""
+    import bigmodel
+    import torch.nn.functional as F
+
+    spec = linear_relu.LinearAct("fused_linear_gelu", lambda x, w, b: bigmodel.fused_linear(x, w, b, "gelu"),
+                                 lambda x, w, b: F.gelu(F.linear(x, w, b)))
+    monkeypatch.setitem(linear_relu.OPS, spec.op, spec)
+    cpu = torch.device("cpu")
+    cases = linear_relu.cases(cpu, ("fwd",), [torch.float32], quick=True, ops=(spec.op,))
+    assert cases and {c.op for c in cases} == {spec.op} and any(c.priority for c in cases)
+    case = linear_relu.case(16, 32, 24, "fwd", torch.float32, cpu, True, "", "M", op=spec.op)
+    case.providers = [p for p in case.providers if "compile" not in p.name]
+    runner = Runner(cpu, Budget(0.0, 1, 1, input_sets=1), META)
+    rows = runner.run(case)
+    assert {r["provider"] for r in rows if not r["skipped"]} >= {"bigmodel-cpp", "torch-eager", "bound-addmm"}
+    assert not runner.mismatches and report.plot_families(spec.op, rows[0]["shape"])[1] == "M"
