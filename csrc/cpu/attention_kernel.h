@@ -337,6 +337,30 @@ std::vector<uint8_t> nan_columns(const scalar_t* x, const int64_t* st, int64_t B
     for (int64_t t = t0; t < t1; ++t) {
       const scalar_t* base = x + (t / H) * st[0] + (t % H) * st[1];
       uint8_t* f = flags.data() + t * D;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+      // float rows: OR the lanes' NaN masks per column chunk (the scalar loop below was 6% of
+      // a forward at (8, 4, 256, 64)).
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        using V = Vectorized<float>;
+        constexpr int64_t W = V::size();
+        const int64_t Dv = st[3] == 1 ? D / W * W : 0;
+        if (Dv > 0) {
+          std::vector<float> any(Dv, 0.f);  // per column, a mask of all ones (a NaN) once seen
+          for (int64_t j = 0; j < S; ++j) {
+            const float* row = base + j * st[2];
+            for (int64_t c = 0; c < Dv; c += W) {
+              (V::loadu(any.data() + c) | V::loadu(row + c).isnan()).store(any.data() + c);
+            }
+          }
+          for (int64_t e = 0; e < Dv; ++e) f[e] = std::isnan(any[e]) ? 1 : 0;
+        }
+        for (int64_t j = 0; j < S && Dv < D; ++j) {
+          const float* row = base + j * st[2];
+          for (int64_t e = Dv; e < D; ++e) f[e] |= std::isnan(row[e * st[3]]) ? 1 : 0;
+        }
+        continue;
+      }
+#endif
       for (int64_t j = 0; j < S; ++j) {
         const scalar_t* row = base + j * st[2];
         for (int64_t e = 0; e < D; ++e) f[e] |= at::_isnan(row[e * st[3]]) ? 1 : 0;

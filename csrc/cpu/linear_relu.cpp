@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/Config.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/Utils.h>
@@ -25,6 +26,12 @@
 #include <array>
 
 #include "linear_epilogue.h"
+
+#if AT_MKL_ENABLED()
+// MKL's C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the lowercase
+// symbol libtorch_cpu exports is the Fortran one, which takes a pointer).
+extern "C" int MKL_Set_Num_Threads_Local(int nt);
+#endif
 
 namespace bigmodel {
 namespace linear {
@@ -73,10 +80,14 @@ at::Tensor onednn_mm_bt(const at::Tensor& a, const at::Tensor& b,
 //  * AVX512: oneDNN from 2 MFLOP: 1.2-2.5x MKL on this EPYC (MKL runs its AVX2 code on AMD).
 //    Below, oneDNN's fixed cost per call (~12 us) loses: 256x256->10 dX, dW 0.82-0.91x,
 //    64x256->10 0.34-0.58x.
-//  * AVX2: oneDNN from 4 MFLOP, 1.0-1.3x MKL (256x256->10: 0.65-0.97x); dW only for N >= 64,
-//    where it is 1.0-1.13x (N = 10: 0.71-0.89x).
-//  * dW only while its reduction (M) is at most kOnednnGradWeightMaxRows (2 threads, M=16384:
-//    14.4 ms oneDNN vs 11.5 MKL; M=65536: 0.55-0.68x).
+//  * AVX2: oneDNN from 4 MFLOP, 1.0-1.3x MKL (256x256->10: 0.65-0.97x).
+//  * dW = dZ^T X: oneDNN reads dZ^T through a reorder, a fresh copy of dZ (in the Transformer
+//    step's 2048x256->1024 FFN: 4.2 ms of copy + 13.8 ms of GEMM against MKL's 10.6 ms at AVX2,
+//    6.8 + 14.7 ms against 16.9 ms at AVX512), so it pays only where the GEMM is long against
+//    that copy, K >= kOnednnGradWeightMinK (AVX2 alone 1.05-1.10x there, AVX512 1.4-2x), or, at
+//    AVX512, where dZ is small enough to stay in cache (1024x256->10: 1.41x); and only while the
+//    reduction (M) is at most kOnednnGradWeightMaxRows (2 threads, M=16384: 14.4 ms oneDNN vs
+//    11.5 MKL; M=65536: 0.55-0.68x, and its result there depended on the thread count).
 //  * Tensors of 32 MB and more stay on the blocked MKL path at every level: there the page
 //    faults of a fresh output cost more than the GEMM, and that path writes into huge pages
 //    (65536x128->128: 12.6 ms blocked MKL vs 15-16 ms oneDNN into its own 4 KB-page output).
@@ -86,6 +97,8 @@ struct GemmPlan {
 };
 
 constexpr int64_t kOnednnGradWeightMaxRows = 4096;
+constexpr int64_t kOnednnGradWeightMinK = 512;
+constexpr int64_t kCachedGradBytes = int64_t(1) << 20;
 constexpr int64_t kHugePageOutputBytes = int64_t(32) << 20;
 
 GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
@@ -98,7 +111,8 @@ GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   const bool small = M * std::max(N, K) * elt < kHugePageOutputBytes;
   p.fwd = M * N * elt < kHugePageOutputBytes;
   p.dx = small;
-  p.dw = small && M <= kOnednnGradWeightMaxRows && (avx512 || N >= 64);
+  p.dw = small && M <= kOnednnGradWeightMaxRows &&
+         (K >= kOnednnGradWeightMinK || (avx512 && M * N * elt <= kCachedGradBytes));
   return p;
 }
 
@@ -251,6 +265,43 @@ at::Tensor linear_act_forward(Activation act, const at::Tensor& input_, const at
   return out;
 }
 
+// dW = dZ^T X by MKL, added to dw or written into it. MKL splits the reduction (M) across
+// threads when dW is small (N = 10: results differed between 1 and 2 threads at M = 256..4096),
+// which would make the gradient depend on the thread count. There it is summed here instead:
+// fixed chunks of rows, each chunk's product by single-threaded MKL, the partial products added
+// in chunk order, whatever the number of threads.
+constexpr int64_t kSplitGradWeightElems = 16384;
+
+void grad_weight_mkl(at::Tensor& dw, const at::Tensor& dz, const at::Tensor& x, bool add) {
+  const int64_t M = x.size(0), N = dz.size(1), K = x.size(1);
+#if AT_MKL_ENABLED()
+  if (M > 0 && (N * K <= kSplitGradWeightElems || std::min(N, K) < 32)) {
+    // Chunks of at least 512 rows (MKL costs ~5 us a call) and at most 16 partials.
+    const int64_t chunk = std::max<int64_t>(512, (M + 15) / 16);
+    const int64_t nchunks = (M + chunk - 1) / chunk;
+    at::Tensor partial = at::empty({nchunks, N, K}, dw.options());
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      const int previous = MKL_Set_Num_Threads_Local(1);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r0 = c * chunk, rows = std::min(chunk, M - r0);
+        at::Tensor out = partial.select(0, c);
+        at::mm_out(out, dz.narrow(0, r0, rows).t(), x.narrow(0, r0, rows));
+      }
+      MKL_Set_Num_Threads_Local(previous);
+    });
+    for (int64_t c = 0; c < nchunks; ++c) {
+      if (c == 0 && !add) {
+        dw.copy_(partial.select(0, 0));
+      } else {
+        dw.add_(partial.select(0, c));
+      }
+    }
+    return;
+  }
+#endif
+  add ? dw.addmm_(dz.t(), x) : at::mm_out(dw, dz.t(), x);
+}
+
 // dz rows [r0, r0 + rows) from grad_output and the saved output (the input's dtype) into dz
 // (the compute type; half and bfloat16 widened as they are read, unless dz is theirs too).
 void mask_rows(Activation act, const at::Tensor& grad, const at::Tensor& out, int64_t r0,
@@ -291,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       if (p.dw) {
         dw = onednn_mm_bt(dz.t(), input.t());
       } else {
-        at::mm_out(dw, dz.t(), input);
+        grad_weight_mkl(dw, dz, input, false);
       }
     }
     if (need_db) at::sum_out(db, dz, 0);
@@ -311,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       at::mm_out(dx_rows, dz, weight);
     }
     const at::Tensor x = input.narrow(0, r0, rows);
-    if (need_dw) r0 == 0 ? at::mm_out(dw, dz.t(), x) : dw.addmm_(dz.t(), x);
+    if (need_dw) grad_weight_mkl(dw, dz, x, r0 > 0);
     if (need_db) r0 == 0 ? at::sum_out(db, dz, 0) : db.add_(dz.sum(0));
   }
   return {dx, dw, db};
