@@ -37,6 +37,8 @@ namespace bigmodel {
 namespace linear {
 namespace {
 
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
 // Rows per block of the MKL path: the output block (and, in backward, the masked-gradient block)
 // should stay in cache between the GEMM that writes it and the pass that reads it. Each block's
 // GEMM is one multithreaded BLAS call: BLAS splits a block across cores better than we would by
@@ -72,6 +74,50 @@ at::Tensor onednn_mm_bt(const at::Tensor& a, const at::Tensor& b,
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   return onednn_linear()->call(a, b, b1, "none", c10::List<std::optional<at::Scalar>>(),
                                std::nullopt);
+}
+
+// out (+)= a @ b (+ bias) by MKL, with a result that does not depend on the thread count. One
+// multithreaded MKL call moves its partition with the thread count, and with it which elements
+// its edge kernels compute (in another order): 44 of 240 shapes with M in 7..1100, K in 5..784,
+// N in 1..200 differed in the last bits between 1, 2 and 3 threads, and so did K = 100 at
+// M, N >= 64; none of 240 shapes whose dimensions were all multiples of 64. So the product is
+// cut here into a grid of tiles fixed by the shape alone, each tile one single-threaded MKL call
+// over the full reduction, the tiles spread over the threads: rows first, at least 128 x 128
+// and 32 MFLOP a tile (MKL costs ~5 us a call and packs its operands for each: 4, 8 and 32
+// tiles ran 5%, 6% and 12% slower than one single-threaded call at 1024x784->512), at most 64.
+void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
+            const std::optional<at::Tensor>& bias, bool accumulate) {
+  const int64_t R = out.size(0), C = out.size(1);
+  if (R == 0 || C == 0) return;
+  auto tile = [&](int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
+    at::Tensor o = out.narrow(0, r0, rows).narrow(1, c0, cols);
+    const at::Tensor at_ = a.narrow(0, r0, rows), bt = b.narrow(1, c0, cols);
+    if (accumulate) {
+      o.addmm_(at_, bt);
+    } else if (bias.has_value()) {
+      at::addmm_out(o, bias->narrow(0, c0, cols), at_, bt);  // beta=1 on the broadcast bias
+    } else {
+      at::mm_out(o, at_, bt);
+    }
+  };
+  const int64_t Kd = a.size(1);
+  const int64_t tiles = std::clamp<int64_t>(static_cast<int64_t>(2.0 * R * C * Kd / 32e6), 1, 64);
+  const int64_t rt = std::clamp<int64_t>(tiles, 1, (R + 127) / 128);
+  const int64_t ct = std::clamp<int64_t>(tiles / rt, 1, (C + 127) / 128);
+  const int64_t rows = round_up((R + rt - 1) / rt, 8), cols = round_up((C + ct - 1) / ct, 16);
+  const int64_t nr = (R + rows - 1) / rows, nc = (C + cols - 1) / cols;
+#if AT_MKL_ENABLED()
+  at::parallel_for(0, nr * nc, 1, [&](int64_t t0, int64_t t1) {
+    const int previous = MKL_Set_Num_Threads_Local(1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t / nc * rows, c0 = t % nc * cols;
+      tile(r0, std::min(rows, R - r0), c0, std::min(cols, C - c0));
+    }
+    MKL_Set_Num_Threads_Local(previous);
+  });
+#else
+  tile(0, R, 0, C);
+#endif
 }
 
 // Which library runs each fp32 GEMM, per CPU level (bench/NOTES.md, "linear_relu per level";
@@ -246,11 +292,7 @@ at::Tensor linear_act_forward(Activation act, const at::Tensor& input_, const at
     at::Tensor o = out.narrow(0, r0, rows);
     at::Tensor z = widen ? scratch.narrow(0, 0, rows) : o;
     const at::Tensor xb = x.narrow(0, r0, rows);
-    if (b.has_value()) {
-      at::addmm_out(z, *b, xb, wt);  // beta=1 on the broadcast bias: bias fused by BLAS
-    } else {
-      at::mm_out(z, xb, wt);
-    }
+    mkl_mm(z, xb, wt, b, false);  // the bias fused by BLAS (beta=1)
     // The activation runs while the block is still in cache: the output goes to memory once.
     if (compute == at::kDouble) {
       epilogue_into<double>(act, z, o);
@@ -263,43 +305,6 @@ at::Tensor linear_act_forward(Activation act, const at::Tensor& input_, const at
     }
   }
   return out;
-}
-
-// dW = dZ^T X by MKL, added to dw or written into it. MKL splits the reduction (M) across
-// threads when dW is small (N = 10: results differed between 1 and 2 threads at M = 256..4096),
-// which would make the gradient depend on the thread count. There it is summed here instead:
-// fixed chunks of rows, each chunk's product by single-threaded MKL, the partial products added
-// in chunk order, whatever the number of threads.
-constexpr int64_t kSplitGradWeightElems = 16384;
-
-void grad_weight_mkl(at::Tensor& dw, const at::Tensor& dz, const at::Tensor& x, bool add) {
-  const int64_t M = x.size(0), N = dz.size(1), K = x.size(1);
-#if AT_MKL_ENABLED()
-  if (M > 0 && (N * K <= kSplitGradWeightElems || std::min(N, K) < 32)) {
-    // Chunks of at least 512 rows (MKL costs ~5 us a call) and at most 16 partials.
-    const int64_t chunk = std::max<int64_t>(512, (M + 15) / 16);
-    const int64_t nchunks = (M + chunk - 1) / chunk;
-    at::Tensor partial = at::empty({nchunks, N, K}, dw.options());
-    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-      const int previous = MKL_Set_Num_Threads_Local(1);
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t r0 = c * chunk, rows = std::min(chunk, M - r0);
-        at::Tensor out = partial.select(0, c);
-        at::mm_out(out, dz.narrow(0, r0, rows).t(), x.narrow(0, r0, rows));
-      }
-      MKL_Set_Num_Threads_Local(previous);
-    });
-    for (int64_t c = 0; c < nchunks; ++c) {
-      if (c == 0 && !add) {
-        dw.copy_(partial.select(0, 0));
-      } else {
-        dw.add_(partial.select(0, c));
-      }
-    }
-    return;
-  }
-#endif
-  add ? dw.addmm_(dz.t(), x) : at::mm_out(dw, dz.t(), x);
 }
 
 // dz rows [r0, r0 + rows) from grad_output and the saved output (the input's dtype) into dz
@@ -337,12 +342,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     // Whole-tensor GEMMs (oneDNN has no accumulate-into-output here): dZ once, as eager has it.
     at::Tensor dz = at::empty({M, N}, opts);
     mask_rows(act, grad, out, 0, M, dz);
-    if (need_dx) dx = p.dx ? onednn_mm_bt(dz, weight.t()) : at::mm(dz, weight);
+    if (need_dx) {
+      if (p.dx) {
+        dx = onednn_mm_bt(dz, weight.t());
+      } else {
+        dx = at::empty({M, K}, opts);
+        mkl_mm(dx, dz, weight, std::nullopt, false);
+      }
+    }
     if (need_dw) {
       if (p.dw) {
         dw = onednn_mm_bt(dz.t(), input.t());
       } else {
-        grad_weight_mkl(dw, dz, input, false);
+        mkl_mm(dw, dz.t(), input, std::nullopt, false);
       }
     }
     if (need_db) at::sum_out(db, dz, 0);
@@ -359,10 +371,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     mask_rows(act, grad, out, r0, rows, dz);
     if (need_dx) {
       at::Tensor dx_rows = dx.narrow(0, r0, rows);
-      at::mm_out(dx_rows, dz, weight);
+      mkl_mm(dx_rows, dz, weight, std::nullopt, false);
     }
     const at::Tensor x = input.narrow(0, r0, rows);
-    if (need_dw) grad_weight_mkl(dw, dz, x, r0 > 0);
+    if (need_dw) mkl_mm(dw, dz.t(), x, std::nullopt, r0 > 0);
     if (need_db) r0 == 0 ? at::sum_out(db, dz, 0) : db.add_(dz.sum(0));
   }
   return {dx, dw, db};
