@@ -13,34 +13,26 @@
 
 #include <torch/library.h>
 
-#include <string>
-
 namespace bigmodel {
 namespace attn {
 namespace {
 
-enum class Isa { kDefault, kAvx2, kAvx512 };
-
-Isa pick_isa() {
-  if (!BIGMODEL_ATTN_VECTOR_VARIANTS) return Isa::kDefault;
-  const std::string cap = at::get_cpu_capability();
-  if (cap == "AVX512") return Isa::kAvx512;
-  if (cap == "AVX2") return Isa::kAvx2;
-  return Isa::kDefault;
-}
-
 void run_forward(const Args& a) {
-  switch (pick_isa()) {
-    case Isa::kAvx512: return AVX512::forward(a);
-    case Isa::kAvx2: return AVX2::forward(a);
+  switch (cpu_level()) {
+#if BIGMODEL_CPU_VECTOR_VARIANTS
+    case CpuLevel::kAvx512: return AVX512::forward(a);
+    case CpuLevel::kAvx2: return AVX2::forward(a);
+#endif
     default: return DEFAULT::forward(a);
   }
 }
 
 void run_backward(const Args& a) {
-  switch (pick_isa()) {
-    case Isa::kAvx512: return AVX512::backward(a);
-    case Isa::kAvx2: return AVX2::backward(a);
+  switch (cpu_level()) {
+#if BIGMODEL_CPU_VECTOR_VARIANTS
+    case CpuLevel::kAvx512: return AVX512::backward(a);
+    case CpuLevel::kAvx2: return AVX2::backward(a);
+#endif
     default: return DEFAULT::backward(a);
   }
 }

@@ -17,10 +17,13 @@
 //    (dQ). Every gradient element has a single owner and a fixed summation order, the two
 //    schedules run the same block steps in the same order, so results are deterministic and
 //    independent of the thread count.
-//  * the block products go through gemm() below: oneDNN's brgemm micro-kernel (exported by
-//    libtorch_cpu as at::native::cpublas::brgemm) for float on AVX512, else a register-tiled
-//    at::vec kernel. Measured on this project's 2-core AVX512 box for a 64x64x64 block:
-//    at::mm_out 7.6 us, MKL sgemm 7.3 us, brgemm 2.05 us, the at::vec tile 2.2 us.
+//  * the block products go through gemm() below: for float, at every level, torch's
+//    at::native::cpublas::brgemm, which is oneDNN's JIT micro-kernel wherever oneDNN has one for
+//    the CPU (AVX2 and up) and MKL's sgemm otherwise (what torch's own flash attention calls per
+//    block); double keeps a register-tiled at::vec kernel. Per-core rates on this project's
+//    EPYC for the 64-row blocks used here (bench/NOTES.md, "attention per level"): AVX512 brgemm
+//    ~240 GFLOP/s, the 512-bit tile ~115; AVX2 brgemm ~121, the 256-bit tiles 101-117, MKL
+//    91-98; at DEFAULT the tile is at::vec's scalar fallback (6 GFLOP/s), MKL 90.
 //  * the backward works in a transposed frame (scores as S^T: keys x queries) so that every
 //    product reads its operands row-major without transposing a probability block.
 #include <ATen/Parallel.h>
@@ -104,12 +107,16 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
     }
     return;
   }
-#if defined(CPU_CAPABILITY_AVX512)
+  // float at every level: brgemm is oneDNN's JIT micro-kernel wherever oneDNN has one for the
+  // CPU (AVX2 and up, as capped by ONEDNN_MAX_CPU_ISA) and torch's BLAS call otherwise, which is
+  // what torch's own flash attention runs per block. Per-core rates for the 64x64 blocks here
+  // (bench/NOTES.md): AVX512 brgemm 240 GFLOP/s vs 115 for the tile below; AVX2 brgemm 121 vs
+  // 101-117 for the tile, MKL 91-98; DEFAULT's tile is at::vec's scalar fallback.
   if constexpr (std::is_same_v<T, float>) {
     at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, acc, A, B, C, /*is_vnni=*/false);
     return;
   }
-#endif
+  // double (gradcheck): the register tile.
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   // 512-bit registers: 6x4 accumulators + 4 B vectors + 1 broadcast fit in 32; 256-bit: 4x2 in 16.
@@ -141,6 +148,14 @@ inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t ro
   for (int64_t r0 = 0; r0 < rows; r0 += T8) {
     for (int64_t c0 = 0; c0 < cols; c0 += T8) {
       const int64_t r1 = std::min(rows, r0 + T8), c1 = std::min(cols, c0 + T8);
+#if defined(CPU_CAPABILITY_AVX2)
+      if constexpr (std::is_same_v<T, float>) {
+        if (r1 - r0 == T8 && c1 - c0 == T8) {  // a whole 8x8 tile in registers
+          at::vec::transpose_mxn<float, 8, 8>(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+          continue;
+        }
+      }
+#endif
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t c = c0; c < c1; ++c) dst[c * ldd + r] = src[r * lds + c];
       }
@@ -322,6 +337,30 @@ std::vector<uint8_t> nan_columns(const scalar_t* x, const int64_t* st, int64_t B
     for (int64_t t = t0; t < t1; ++t) {
       const scalar_t* base = x + (t / H) * st[0] + (t % H) * st[1];
       uint8_t* f = flags.data() + t * D;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+      // float rows: OR the lanes' NaN masks per column chunk (the scalar loop below was 6% of
+      // a forward at (8, 4, 256, 64)).
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        using V = Vectorized<float>;
+        constexpr int64_t W = V::size();
+        const int64_t Dv = st[3] == 1 ? D / W * W : 0;
+        if (Dv > 0) {
+          std::vector<float> any(Dv, 0.f);  // per column, a mask of all ones (a NaN) once seen
+          for (int64_t j = 0; j < S; ++j) {
+            const float* row = base + j * st[2];
+            for (int64_t c = 0; c < Dv; c += W) {
+              (V::loadu(any.data() + c) | V::loadu(row + c).isnan()).store(any.data() + c);
+            }
+          }
+          for (int64_t e = 0; e < Dv; ++e) f[e] = std::isnan(any[e]) ? 1 : 0;
+        }
+        for (int64_t j = 0; j < S && Dv < D; ++j) {
+          const float* row = base + j * st[2];
+          for (int64_t e = Dv; e < D; ++e) f[e] |= std::isnan(row[e * st[3]]) ? 1 : 0;
+        }
+        continue;
+      }
+#endif
       for (int64_t j = 0; j < S; ++j) {
         const scalar_t* row = base + j * st[2];
         for (int64_t e = 0; e < D; ++e) f[e] |= at::_isnan(row[e * st[3]]) ? 1 : 0;
@@ -333,6 +372,47 @@ std::vector<uint8_t> nan_columns(const scalar_t* x, const int64_t* st, int64_t B
 
 // ------------------------------------------------------------------------------------------
 // Forward
+
+// One key/value head in the layout the forward's block products read, in the accumulation type:
+// K^T cut into key blocks of BK columns (block kb is E rows of BK keys, contiguous: its rows sit
+// 4*BK bytes apart, not a power-of-two head length apart, which aliased in L1) and V as rows of
+// Evp. Each thread packs a head once, up to the last key its tasks need so far (a causal task
+// needs a prefix), and reuses it for the next query blocks of the same head: its tasks are a
+// contiguous range, so they share heads. Packing per (query block, key block), as before, cost
+// an E x BK load and transpose for every 2 * 64 * BK * E FLOPs (scalar at AVX2: ~15% of the
+// forward).
+template <typename scalar_t, typename acc_t>
+struct PackedHead {
+  int64_t b = -1, kvh = -1, upto = 0;  // keys [0, upto) of head (b, kvh) are packed
+  int64_t S, E, Ev, Evp, BK;
+  std::vector<acc_t> kt, v, kn;
+
+  PackedHead(int64_t S_, int64_t E_, int64_t Ev_, int64_t Evp_, int64_t BK_)
+      : S(S_), E(E_), Ev(Ev_), Evp(Evp_), BK(BK_) {}
+
+  const acc_t* kt_block(int64_t j0) const { return kt.data() + j0 / BK * E * BK; }
+  const acc_t* v_rows(int64_t j0) const { return v.data() + j0 * Evp; }
+
+  void ensure(const Args& a, int64_t b_, int64_t kvh_, int64_t kend) {
+    constexpr int64_t W = Vectorized<acc_t>::size();
+    if (b_ != b || kvh_ != kvh) b = b_, kvh = kvh_, upto = 0;
+    if (upto >= kend) return;
+    if (kt.empty()) {
+      const int64_t nkb = (S + BK - 1) / BK;
+      kt.resize(nkb * E * BK), v.resize(nkb * BK * Evp), kn.resize(BK * E);
+    }
+    const scalar_t* kbase = static_cast<const scalar_t*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
+    const scalar_t* vbase = static_cast<const scalar_t*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
+    for (; upto < kend; upto += BK) {
+      const int64_t j0 = upto, n = std::min(BK, S - j0), np = round_up(n, W);
+      // Padding keys n..np are zero columns of K^T (their scores are masked anyway).
+      load_block(kn.data(), E, kbase + j0 * a.sk[2], a.sk[2], a.sk[3], n, np, E, acc_t(1));
+      transpose(kn.data(), E, kt.data() + j0 / BK * E * BK, BK, np, E);
+      load_block(v.data() + j0 * Evp, Evp, vbase + j0 * a.sv[2], a.sv[2], a.sv[3], n, n, Ev, acc_t(1));
+    }
+    upto = std::min(upto, S);
+  }
+};
 
 template <typename scalar_t>
 void forward_impl(const Args& a) {
@@ -346,17 +426,15 @@ void forward_impl(const Args& a) {
   const int64_t nqb = (L + BQ - 1) / BQ;
   const acc_t scale = static_cast<acc_t>(a.scale);
   const scalar_t* q = static_cast<const scalar_t*>(a.q);
-  const scalar_t* k = static_cast<const scalar_t*>(a.k);
-  const scalar_t* v = static_cast<const scalar_t*>(a.v);
   scalar_t* out = static_cast<scalar_t*>(a.out);
   const MaskView<scalar_t> mk(a);
   const Dropout drop(a);
-  const std::vector<uint8_t> vnan = nan_columns(v, a.sv, B, a.Hkv, S, Ev);
+  const std::vector<uint8_t> vnan = nan_columns(static_cast<const scalar_t*>(a.v), a.sv, B, a.Hkv, S, Ev);
 
   at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
-    // Per-thread scratch: Q block, K^T block, V block, scores, output accumulator, row stats.
-    std::vector<acc_t> qs(BQ * E), kt(E * BK), vb(BK * Evp), sc(BQ * BK), oacc(BQ * Evp);
-    std::vector<acc_t> kn(BK * E), rmax(BQ), rsum(BQ);
+    // Per-thread scratch: the packed head, Q block, scores, output accumulator, row stats.
+    PackedHead<scalar_t, acc_t> kv(S, E, Ev, Evp, BK);
+    std::vector<acc_t> qs(BQ * E), sc(BQ * BK), oacc(BQ * Evp), rmax(BQ), rsum(BQ);
     for (int64_t t = t0; t < t1; ++t) {
       // Under causal, later query blocks cost more; zigzag order balances the threads' ranges.
       const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq;
@@ -364,20 +442,16 @@ void forward_impl(const Args& a) {
       const int64_t kvh = h / group;
       const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0);
       const scalar_t* qbase = q + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
-      const scalar_t* kbase = k + b * a.sk[0] + kvh * a.sk[1];
-      const scalar_t* vbase = v + b * a.sv[0] + kvh * a.sv[1];
       // The scale is folded into Q once rather than applied to every score.
       load_block(qs.data(), E, qbase, a.sq[2], a.sq[3], m, m, E, scale);
       std::fill(oacc.begin(), oacc.end(), acc_t(0));
       std::fill(rmax.begin(), rmax.end(), neg_inf<acc_t>());
       std::fill(rsum.begin(), rsum.end(), acc_t(0));
       const int64_t kend = a.causal ? std::min(S, i0 + m) : S;  // later keys are hidden to all rows
+      kv.ensure(a, b, kvh, kend);
       for (int64_t j0 = 0; j0 < kend; j0 += BK) {
         const int64_t n = std::min(BK, kend - j0), np = round_up(n, W);
-        // K block -> K^T (E x np), zero in the padding columns.
-        load_block(kn.data(), E, kbase + j0 * a.sk[2], a.sk[2], a.sk[3], n, np, E, acc_t(1));
-        transpose(kn.data(), E, kt.data(), np, np, E);
-        gemm(m, np, E, qs.data(), E, kt.data(), np, sc.data(), np, false);
+        gemm(m, np, E, qs.data(), E, kv.kt_block(j0), BK, sc.data(), np, false);
         mask_scores(mk, a.causal, b, h, i0, m, j0, n, np, sc.data(), np);
         for (int64_t r = 0; r < m; ++r) {
           acc_t* row = sc.data() + r * np;
@@ -400,8 +474,8 @@ void forward_impl(const Args& a) {
             for (int64_t c = 0; c < n; ++c) row[c] = drop.keep(base + c) ? row[c] * inv : acc_t(0);
           }
         }
-        load_block(vb.data(), Evp, vbase + j0 * a.sv[2], a.sv[2], a.sv[3], n, np, Ev, acc_t(1));
-        gemm(m, Evp, np, sc.data(), np, vb.data(), Evp, oacc.data(), Evp, true);
+        // Only the n real keys: the packed head's rows past them are other keys (or unset).
+        gemm(m, Evp, n, sc.data(), np, kv.v_rows(j0), Evp, oacc.data(), Evp, true);
       }
       const uint8_t* nanc = vnan.data() + (b * a.Hkv + kvh) * Ev;
       scalar_t* obase = out + ((b * Hq + h) * L + i0) * Ev;
@@ -446,6 +520,7 @@ struct Backward {
 
   const Args& a;
   int64_t B, Hq, Hkv, L, S, E, Ev, group, Lp, Ep, Evp, nqb, nkb;
+  int64_t QT, QTv;  // elements of one query block of Qs^T (E x BQ) and of dO^T (Ev x BQ)
   acc_t scale;
   MaskView<scalar_t> mk;
   Dropout drop;
@@ -455,9 +530,9 @@ struct Backward {
   // Offsets of one packed head inside its block of per_head() elements.
   struct Head {
     acc_t* qs;   // L x Ep, scaled
-    acc_t* qst;  // E x Lp
+    acc_t* qst;  // nqb blocks of E x BQ (see blocked_t)
     acc_t* dO;   // L x Evp
-    acc_t* dOt;  // Ev x Lp
+    acc_t* dOt;  // nqb blocks of Ev x BQ
     acc_t* D;    // Lp
     acc_t* lse;  // Lp
   };
@@ -467,6 +542,7 @@ struct Backward {
         Ev(args.Ev), mk(args), drop(args) {
     group = Hq / Hkv;
     Lp = round_up(std::max<int64_t>(L, 1), W);
+    QT = E * BQ, QTv = Ev * BQ;
     Ep = round_up(E, W), Evp = round_up(Ev, W);
     nqb = (L + BQ - 1) / BQ, nkb = (S + BK - 1) / BK;
     scale = static_cast<acc_t>(a.scale);
@@ -483,17 +559,30 @@ struct Backward {
     k_nan = nan_columns(static_cast<const scalar_t*>(a.k), a.sk, B, Hkv, S, E);
   }
 
-  int64_t per_head() const { return L * Ep + E * Lp + L * Evp + Ev * Lp + 2 * Lp; }
+  int64_t per_head() const { return L * Ep + nqb * QT + L * Evp + nqb * QTv + 2 * Lp; }
 
   Head view(acc_t* p) const {
     Head hd;
     hd.qs = p, p += L * Ep;
-    hd.qst = p, p += E * Lp;
+    hd.qst = p, p += nqb * QT;
     hd.dO = p, p += L * Evp;
-    hd.dOt = p, p += Ev * Lp;
+    hd.dOt = p, p += nqb * QTv;
     hd.D = p, p += Lp;
     hd.lse = p;
     return hd;
+  }
+
+  // Transposes the L x D rows of x (leading dimension ldx) query block by query block: block qb
+  // of xt is D x BQ, contiguous, its columns past the block's queries zero. The products read
+  // one block at a time; in a single D x L transpose their rows sat 4*L bytes apart, a power of
+  // two for the usual lengths, and all aliased to the same L1 sets.
+  void blocked_t(const acc_t* x, int64_t ldx, acc_t* xt, int64_t D) const {
+    for (int64_t qb = 0; qb < nqb; ++qb) {
+      const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0);
+      acc_t* blk = xt + qb * D * BQ;
+      transpose(x + i0 * ldx, ldx, blk, BQ, m, D);
+      for (int64_t e = 0; e < D; ++e) std::fill(blk + e * BQ + m, blk + (e + 1) * BQ, acc_t(0));
+    }
   }
 
   void pack_head(int64_t b, int64_t h, const Head& hd) const {
@@ -502,10 +591,8 @@ struct Backward {
     const scalar_t* doh = static_cast<const scalar_t*>(a.dout) + b * a.sdo[0] + h * a.sdo[1];
     load_block(hd.qs, Ep, qh, a.sq[2], a.sq[3], L, L, E, scale);
     load_block(hd.dO, Evp, doh, a.sdo[2], a.sdo[3], L, L, Ev, acc_t(1));
-    transpose(hd.qs, Ep, hd.qst, Lp, L, E);
-    transpose(hd.dO, Evp, hd.dOt, Lp, L, Ev);
-    for (int64_t e = 0; e < E; ++e) std::fill(hd.qst + e * Lp + L, hd.qst + (e + 1) * Lp, acc_t(0));
-    for (int64_t e = 0; e < Ev; ++e) std::fill(hd.dOt + e * Lp + L, hd.dOt + (e + 1) * Lp, acc_t(0));
+    blocked_t(hd.qs, Ep, hd.qst, E);
+    blocked_t(hd.dO, Evp, hd.dOt, Ev);
     const float* lse_h = a.lse + (b * Hq + h) * L;
     for (int64_t i = 0; i < L; ++i) {
       acc_t s = 0;
@@ -563,7 +650,7 @@ struct Backward {
     acc_t* st = sc.st.data();
     acc_t* dpt = sc.dpt.data();
     // S^T = K Qs^T (n x mp), masked; P^T = exp(S^T - lse).
-    gemm(n, mp, E, sc.kn.data(), E, hd.qst + i0, Lp, st, mp, false);
+    gemm(n, mp, E, sc.kn.data(), E, hd.qst + i0 / BQ * QT, BQ, st, mp, false);
     mask_scores_t(mk, a.causal, b, h, i0, m, j0, n, st, mp, neg_inf<acc_t>(), true);
     for (int64_t c = 0; c < n; ++c) {
       acc_t* row = st + c * mp;
@@ -572,7 +659,7 @@ struct Backward {
       }
     }
     // dP^T = V dO^T (n x mp).
-    gemm(n, mp, Ev, sc.vn.data(), Ev, hd.dOt + i0, Lp, dpt, mp, false);
+    gemm(n, mp, Ev, sc.vn.data(), Ev, hd.dOt + i0 / BQ * QTv, BQ, dpt, mp, false);
     const acc_t* pdrop = st;
     if (drop.on) {
       const acc_t inv = static_cast<acc_t>(drop.inv_keep);
@@ -609,9 +696,9 @@ struct Backward {
     gemm(n, Ep, m, sc.dpt.data(), mp, hd.qs + i0 * Ep, Ep, sc.dkacc.data(), Ep, true);
   }
 
-  // dQ^T[:, i0:i0+mp] += K^T dS^T (dqt has leading dimension Lp).
-  void accumulate_dq(int64_t n, int64_t i0, int64_t mp, acc_t* dqt, Scratch& sc) const {
-    gemm(E, mp, n, sc.kt.data(), n, sc.dpt.data(), mp, dqt + i0, Lp, true);
+  // dQ^T[:, 0:mp] += K^T dS^T for one query block (dqt: that block's E x BQ accumulator).
+  void accumulate_dq(int64_t n, int64_t mp, acc_t* dqt, Scratch& sc) const {
+    gemm(E, mp, n, sc.kt.data(), n, sc.dpt.data(), mp, dqt, BQ, true);
   }
 
   void store_dkdv(int64_t b, int64_t kvh, int64_t j0, int64_t n, const QueryNans& f,
@@ -629,12 +716,12 @@ struct Backward {
     }
   }
 
-  // dQ rows i0..i0+m of head h = scale * (dQ^T)^T.
+  // dQ rows i0..i0+m of head h = scale * (dQ^T)^T (dqt: the query block's accumulator).
   void store_dq(int64_t b, int64_t h, int64_t i0, int64_t m, const acc_t* dqt, Scratch& sc) const {
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     const uint8_t* kn = k_nan.data() + (b * Hkv + h / group) * E;
     scalar_t* dqh = static_cast<scalar_t*>(a.dq) + (b * Hq + h) * L * E;
-    transpose(dqt + i0, Lp, sc.tmp.data(), E, E, m);
+    transpose(dqt, BQ, sc.tmp.data(), E, E, m);
     for (int64_t r = 0; r < m; ++r) {
       for (int64_t e = 0; e < E; ++e) {
         dqh[(i0 + r) * E + e] = static_cast<scalar_t>(kn[e] ? nan : sc.tmp[r * E + e] * scale);
@@ -653,7 +740,7 @@ struct Backward {
   // Schedule 1: one task per (batch, key/value head).
   void run_per_head() const {
     at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> packed(group * per_head()), dqt(group * E * Lp);
+      std::vector<acc_t> packed(group * per_head()), dqt(group * nqb * QT);
       std::vector<Head> heads(group);
       for (int64_t g = 0; g < group; ++g) heads[g] = view(packed.data() + g * per_head());
       Scratch sc(*this);
@@ -672,14 +759,14 @@ struct Backward {
               const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0), mp = round_up(m, W);
               const acc_t* pdrop = step(b, kvh * group + g, j0, n, i0, m, mp, heads[g], sc);
               accumulate_dkdv(pdrop, n, i0, m, mp, heads[g], sc);
-              accumulate_dq(n, i0, mp, dqt.data() + g * E * Lp, sc);
+              accumulate_dq(n, mp, dqt.data() + (g * nqb + qb) * QT, sc);
             }
           }
           store_dkdv(b, kvh, j0, n, f, sc);
         }
         for (int64_t g = 0; g < group; ++g) {
           for (int64_t i0 = 0; i0 < L; i0 += BQ) {
-            store_dq(b, kvh * group + g, i0, std::min(BQ, L - i0), dqt.data() + g * E * Lp, sc);
+            store_dq(b, kvh * group + g, i0, std::min(BQ, L - i0), dqt.data() + (g * nqb + i0 / BQ) * QT, sc);
           }
         }
       }
@@ -718,17 +805,17 @@ struct Backward {
     });
     at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
       Scratch sc(*this);
-      std::vector<acc_t> dqt(E * Lp);  // full width: the products match schedule 1's exactly
+      std::vector<acc_t> dqt(QT);  // one block, as schedule 1's: the products match exactly
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / nqb, b = bh / Hq, h = bh % Hq, qb = zigzag(t % nqb, nqb);
         const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0), mp = round_up(m, W);
-        for (int64_t e = 0; e < E; ++e) std::fill(dqt.data() + e * Lp + i0, dqt.data() + e * Lp + i0 + mp, acc_t(0));
+        std::fill(dqt.begin(), dqt.end(), acc_t(0));
         for (int64_t j0 = 0; j0 < S; j0 += BK) {
           if (first_qb(j0) > qb) break;
           const int64_t n = std::min(BK, S - j0);
           load_keys(b, h / group, j0, n, sc);
           step(b, h, j0, n, i0, m, mp, heads[bh], sc);
-          accumulate_dq(n, i0, mp, dqt.data(), sc);
+          accumulate_dq(n, mp, dqt.data(), sc);
         }
         store_dq(b, h, i0, m, dqt.data(), sc);
       }

@@ -2,16 +2,21 @@
 //
 // Why it beats F.relu(F.linear(x, W, b)): eager writes the GEMM output to memory, then reads it
 // back and writes a second, freshly allocated tensor for the ReLU (page faults included). Here
-// the rows are cut into blocks that stay in cache; each block's GEMM adds the bias through BLAS
-// (beta=1) and the ReLU runs while the block is hot, so one output tensor is written once.
-// Backward likewise masks grad_output block by block into a cache-resident scratch block and
-// feeds it straight into both gradient GEMMs and the bias sum: the masked gradient never goes
-// to memory.
+// the activation runs as an epilogue on the GEMM's output while it is in cache, in place, so one
+// output tensor is written once; backward masks grad_output straight into the gradient GEMMs'
+// operand. Where it pays (measured per CPU level, bench/NOTES.md "linear_relu per level") the
+// fp32 GEMMs run on oneDNN instead of MKL. Half and bfloat16 are computed in float and rounded
+// once, unless the CPU has native bfloat16 / half arithmetic and torch's own GEMM is faster.
+//
+// This file holds the GEMMs and the choices; the elementwise epilogue (one per activation,
+// vectorised per CPU level) is linear_epilogue.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/Config.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <sys/mman.h>
@@ -20,34 +25,32 @@
 #include <cstdlib>
 #include <array>
 
+#include "linear_epilogue.h"
+
+#if AT_MKL_ENABLED()
+// MKL's C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the lowercase
+// symbol libtorch_cpu exports is the Fortran one, which takes a pointer).
+extern "C" int MKL_Set_Num_Threads_Local(int nt);
+#endif
+
 namespace bigmodel {
+namespace linear {
 namespace {
 
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Rows per block: the output block (and, in backward, the masked-gradient block) should stay in
-// cache between the GEMM that writes it and the pass that reads it.
-// Each block's GEMM is one multithreaded BLAS call: BLAS splits a block across cores better than
-// we would by giving each core its own single-threaded small GEMM (measured: 2x slower at
-// M=65536, K=N=128).
+// Rows per block of the MKL path: the output block (and, in backward, the masked-gradient block)
+// should stay in cache between the GEMM that writes it and the pass that reads it. Each block's
+// GEMM is one multithreaded BLAS call: BLAS splits a block across cores better than we would by
+// giving each core its own single-threaded small GEMM (measured: 2x slower at M=65536, K=N=128).
 int64_t rows_per_block(int64_t M, int64_t N, int64_t elt_size) {
   const int64_t cache_bytes = 8 << 20;  // well inside the 32 MB L3; 2, 4, 8, 32 MB measured alike
   const int64_t rows = cache_bytes / std::max<int64_t>(1, N * elt_size);
   return std::clamp<int64_t>(rows, 64, std::max<int64_t>(M, 1));
 }
 
-// Applies f(begin, end) over [0, n) on all threads, in chunks big enough to amortise the fork.
-template <typename F>
-void parallel_elements(int64_t n, const F& f) {
-  at::parallel_for(0, n, 16384, f);
-}
-
-// fp32 GEMMs go to oneDNN (through torch's own mkldnn::_linear_pointwise) when torch has it:
-// on this project's AMD EPYC, MKL's sgemm runs its AVX2 code (211-225 GFLOP/s on 2 cores at
-// 2048^3) while oneDNN's JIT AVX-512 kernels reach 473 GFLOP/s on the same cores, at fp32
-// accuracy (measured 2026-11-28: 1024x784->512 dW 3.85 -> 1.97 ms, 16384x256->256 forward
-// 9.85 -> 4.7 ms). oneDNN only loses where the reduction is long and the output small (dW at
-// M=16384..65536: 11.5 vs 14.4 ms), so dW keeps MKL there. Its ReLU post-op is not used: it
-// turns NaN into 0; our pass keeps NaN. BIGMODEL_NO_ONEDNN=1 turns it off (the blocked path).
+// oneDNN's fp32 GEMM, through torch's own mkldnn::_linear_pointwise. Its ReLU post-op is not
+// used: it turns NaN into 0; our epilogue keeps NaN. BIGMODEL_NO_ONEDNN=1 turns it off.
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                             c10::string_view, c10::List<std::optional<at::Scalar>>,
                             std::optional<c10::string_view>);
@@ -63,10 +66,6 @@ const c10::TypedOperatorHandle<LinearFn>* onednn_linear() {
   return handle.has_value() ? &*handle : nullptr;
 }
 
-bool use_onednn(const at::Tensor& input) {
-  return input.scalar_type() == at::kFloat && onednn_linear() != nullptr;
-}
-
 // a (R, C) @ b^T with b (O, C) -> (R, O), plus bias; both operands may be strided views.
 at::Tensor onednn_mm_bt(const at::Tensor& a, const at::Tensor& b,
                         const std::optional<at::Tensor>& bias = std::nullopt) {
@@ -77,8 +76,107 @@ at::Tensor onednn_mm_bt(const at::Tensor& a, const at::Tensor& b,
                                std::nullopt);
 }
 
-// Below this many rows (the reduction length of dW = dZ^T X) oneDNN's dW beats MKL's.
+// out (+)= a @ b (+ bias) by MKL, with a result that does not depend on the thread count. One
+// multithreaded MKL call moves its partition with the thread count, and with it which elements
+// its edge kernels compute (in another order): 44 of 240 shapes with M in 7..1100, K in 5..784,
+// N in 1..200 differed in the last bits between 1, 2 and 3 threads, and so did K = 100 at
+// M, N >= 64; none of 240 shapes whose dimensions were all multiples of 64. So the product is
+// cut here into a grid of tiles fixed by the shape alone, each tile one single-threaded MKL call
+// over the full reduction, the tiles spread over the threads: rows first, at least 128 x 128
+// and 32 MFLOP a tile (MKL costs ~5 us a call and packs its operands for each: 4, 8 and 32
+// tiles ran 5%, 6% and 12% slower than one single-threaded call at 1024x784->512), at most 64.
+void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
+            const std::optional<at::Tensor>& bias, bool accumulate) {
+  const int64_t R = out.size(0), C = out.size(1);
+  if (R == 0 || C == 0) return;
+  auto tile = [&](int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
+    at::Tensor o = out.narrow(0, r0, rows).narrow(1, c0, cols);
+    const at::Tensor at_ = a.narrow(0, r0, rows), bt = b.narrow(1, c0, cols);
+    if (accumulate) {
+      o.addmm_(at_, bt);
+    } else if (bias.has_value()) {
+      at::addmm_out(o, bias->narrow(0, c0, cols), at_, bt);  // beta=1 on the broadcast bias
+    } else {
+      at::mm_out(o, at_, bt);
+    }
+  };
+  const int64_t Kd = a.size(1);
+  const int64_t tiles = std::clamp<int64_t>(static_cast<int64_t>(2.0 * R * C * Kd / 32e6), 1, 64);
+  const int64_t rt = std::clamp<int64_t>(tiles, 1, (R + 127) / 128);
+  const int64_t ct = std::clamp<int64_t>(tiles / rt, 1, (C + 127) / 128);
+  const int64_t rows = round_up((R + rt - 1) / rt, 8), cols = round_up((C + ct - 1) / ct, 16);
+  const int64_t nr = (R + rows - 1) / rows, nc = (C + cols - 1) / cols;
+#if AT_MKL_ENABLED()
+  at::parallel_for(0, nr * nc, 1, [&](int64_t t0, int64_t t1) {
+    const int previous = MKL_Set_Num_Threads_Local(1);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t / nc * rows, c0 = t % nc * cols;
+      tile(r0, std::min(rows, R - r0), c0, std::min(cols, C - c0));
+    }
+    MKL_Set_Num_Threads_Local(previous);
+  });
+#else
+  tile(0, R, 0, C);
+#endif
+}
+
+// Which library runs each fp32 GEMM, per CPU level (bench/NOTES.md, "linear_relu per level";
+// torch's own F.linear is MKL at every level). Measured per GEMM, 1 thread, CPU time:
+//  * DEFAULT: MKL. oneDNN's pre-AVX2 kernels ran at 0.33-0.64x of MKL's sgemm.
+//  * AVX512: oneDNN from 2 MFLOP: 1.2-2.5x MKL on this EPYC (MKL runs its AVX2 code on AMD).
+//    Below, oneDNN's fixed cost per call (~12 us) loses: 256x256->10 dX, dW 0.82-0.91x,
+//    64x256->10 0.34-0.58x.
+//  * AVX2: oneDNN from 4 MFLOP, 1.0-1.3x MKL (256x256->10: 0.65-0.97x).
+//  * dW = dZ^T X: oneDNN reads dZ^T through a reorder, a fresh copy of dZ (in the Transformer
+//    step's 2048x256->1024 FFN: 4.2 ms of copy + 13.8 ms of GEMM against MKL's 10.6 ms at AVX2,
+//    6.8 + 14.7 ms against 16.9 ms at AVX512), so it pays only where the GEMM is long against
+//    that copy, K >= kOnednnGradWeightMinK (AVX2 alone 1.05-1.10x there, AVX512 1.4-2x), or, at
+//    AVX512, where dZ is small enough to stay in cache (1024x256->10: 1.41x); and only while the
+//    reduction (M) is at most kOnednnGradWeightMaxRows (2 threads, M=16384: 14.4 ms oneDNN vs
+//    11.5 MKL; M=65536: 0.55-0.68x, and its result there depended on the thread count).
+//  * Tensors of 32 MB and more stay on the blocked MKL path at every level: there the page
+//    faults of a fresh output cost more than the GEMM, and that path writes into huge pages
+//    (65536x128->128: 12.6 ms blocked MKL vs 15-16 ms oneDNN into its own 4 KB-page output).
+struct GemmPlan {
+  bool fwd = false, dx = false, dw = false;  // true: oneDNN, false: MKL
+  bool any() const { return fwd || dx || dw; }
+};
+
 constexpr int64_t kOnednnGradWeightMaxRows = 4096;
+constexpr int64_t kOnednnGradWeightMinK = 512;
+constexpr int64_t kCachedGradBytes = int64_t(1) << 20;
+constexpr int64_t kHugePageOutputBytes = int64_t(32) << 20;
+
+GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
+  GemmPlan p;
+  const CpuLevel level = cpu_level();
+  if (compute != at::kFloat || level == CpuLevel::kDefault || onednn_linear() == nullptr) return p;
+  const bool avx512 = level == CpuLevel::kAvx512;
+  if (M == 0 || N == 0 || K == 0 || 2.0 * M * N * K < (avx512 ? 2e6 : 4e6)) return p;
+  const int64_t elt = 4;
+  const bool small = M * std::max(N, K) * elt < kHugePageOutputBytes;
+  p.fwd = M * N * elt < kHugePageOutputBytes;
+  p.dx = small;
+  p.dw = small && M <= kOnednnGradWeightMaxRows &&
+         (K >= kOnednnGradWeightMinK || (avx512 && M * N * elt <= kCachedGradBytes));
+  return p;
+}
+
+// bfloat16 / half: torch's own GEMM in that dtype where the CPU has the arithmetic for it
+// (AVX512 level with avx512_bf16 or AMX-BF16; avx512_fp16 or AMX-FP16) and it measured faster
+// than float blocks; elsewhere its fallback ran at 1.3 GFLOP/s (53 ms at 1024x784->512 on an
+// AVX2 EPYC, 6x torch's fp32), so the engine converts to float and rounds once at the end.
+bool native_low_precision_gemm(at::ScalarType dtype) {
+  if (cpu_level() != CpuLevel::kAvx512) return false;
+  static const auto caps = at::cpu::get_cpu_capabilities();
+  auto has = [&](const char* key) {
+    const auto it = caps.find(key);
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  };
+  const bool native = dtype == at::kBFloat16 ? has("avx512_bf16") || has("amx_bf16")
+                                             : has("avx512_fp16") || has("amx_fp16");
+  return native && std::getenv("BIGMODEL_CPU_LOW_PRECISION_FP32") == nullptr;
+}
 
 // Large outputs come from 2 MB-aligned memory advised as transparent huge pages: the first touch
 // of a fresh 32 MB output then costs 16 page faults instead of 8192 (measured: 8 ms -> 1.6 ms
@@ -102,8 +200,6 @@ struct HugePageAllocator final : at::Allocator {
   }
 };
 
-constexpr int64_t kHugePageOutputBytes = int64_t(32) << 20;
-
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
@@ -113,41 +209,6 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   static HugePageAllocator allocator;
   return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    opts.dtype().toScalarType(), std::nullopt);
-}
-
-// The two elementwise passes are plain loops on purpose: this file is compiled for the baseline
-// ISA, where at::vec falls back to its generic (array-based) Vectorized and ran 7x slower than
-// torch's own threshold_backward (measured 12 ms vs 1.6 ms on 4M elements); GCC vectorises
-// these selects itself at -O3.
-
-// In-place ReLU that keeps NaN: `v < 0` is false for NaN, so NaN stays (std::max would not).
-template <typename scalar_t>
-void relu_inplace(scalar_t* __restrict__ p, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t v = p[i];
-    p[i] = v < scalar_t(0) ? scalar_t(0) : v;
-  }
-}
-
-// dz = grad where out > 0 (or out is NaN, as torch's threshold_backward), else 0.
-template <typename scalar_t>
-void masked_grad_rows(const scalar_t* __restrict__ g, const scalar_t* __restrict__ y,
-                      scalar_t* __restrict__ dz, int64_t rows, int64_t n) {
-  const int64_t count = rows * n;
-  for (int64_t i = 0; i < count; ++i) {
-    const scalar_t gv = g[i], yv = y[i];  // both loaded unconditionally: lets GCC vectorise
-    dz[i] = yv <= scalar_t(0) ? scalar_t(0) : gv;
-  }
-}
-
-// masked_grad_rows over `rows` rows of width n, split across the threads.
-template <typename scalar_t>
-void masked_grad_parallel(const scalar_t* g, const scalar_t* y, scalar_t* dz, int64_t rows,
-                          int64_t n) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)),
-                   [&](int64_t a, int64_t b) {
-                     masked_grad_rows(g + a * n, y + a * n, dz + a * n, b - a, n);
-                   });
 }
 
 void check_inputs(const at::Tensor& input, const at::Tensor& weight,
@@ -169,51 +230,106 @@ void check_inputs(const at::Tensor& input, const at::Tensor& weight,
   }
 }
 
-at::Tensor linear_relu_forward(const at::Tensor& input_, const at::Tensor& weight_,
-                               const std::optional<at::Tensor>& bias_) {
+at::Tensor detached(const at::Tensor& t) { return t.detach(); }
+std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->detach()) : std::nullopt;
+}
+
+// The activation over a row-major block z (rows x N, contiguous) into y (same shape).
+template <typename acc_t>
+void epilogue_into(Activation act, const at::Tensor& z, const at::Tensor& y) {
+  const acc_t* zp = z.data_ptr<acc_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "linear_epilogue", [&] {
+    if constexpr (std::is_same_v<scalar_t, acc_t> ||
+                  (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>)) {
+      epilogue_forward(act, zp, y.data_ptr<scalar_t>(), z.numel());
+    } else {
+      TORCH_CHECK(false, "bigmodel: no epilogue from ", z.scalar_type(), " to ", y.scalar_type());
+    }
+  });
+}
+
+at::Tensor linear_act_forward(Activation act, const at::Tensor& input_, const at::Tensor& weight_,
+                              const std::optional<at::Tensor>& bias_) {
   check_inputs(input_, weight_, bias_);
   // Kernels run below autograd: the ATen calls inside must not record a graph (and worker
   // threads do not inherit the dispatcher's TLS), so work on detached views.
-  const at::Tensor input = input_.detach(), weight = weight_.detach();
-  const std::optional<at::Tensor> bias =
-      bias_.has_value() ? std::optional<at::Tensor>(bias_->detach()) : std::nullopt;
+  const at::Tensor input = detached(input_), weight = detached(weight_);
+  const std::optional<at::Tensor> bias = detached(bias_);
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
+  const auto dtype = input.scalar_type();
   if (M == 0 || N == 0) return empty_output({M, N}, input.options());
-  // Outputs of 32 MB and more stay on the blocked path: there the page faults of a fresh
-  // output cost more than the GEMM, and that path writes into huge pages (65536x128->128:
-  // 12.6 ms blocked MKL vs 15-16 ms oneDNN into its own 4 KB-page output).
-  if (use_onednn(input) && K > 0 && M * N * input.element_size() < kHugePageOutputBytes) {
-    at::Tensor out = onednn_mm_bt(input, weight, bias);
-    float* p = out.data_ptr<float>();
-    parallel_elements(M * N, [&](int64_t a, int64_t b) { relu_inplace(p + a, b - a); });
+  const bool low = dtype == at::kBFloat16 || dtype == at::kHalf;
+  const bool widen = low && !native_low_precision_gemm(dtype);
+  // The GEMM's type: float for half and bfloat16 (converted once here), else the input's.
+  auto widened = [&](const at::Tensor& t) { return widen ? t.to(at::kFloat) : t; };
+  const at::Tensor x = widened(input), w = widened(weight);
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(widened(*bias)) : std::nullopt;
+  const auto compute = x.scalar_type();
+  if (plan_gemms(compute, M, K, N).fwd) {
+    at::Tensor z = onednn_mm_bt(x, w, b);
+    at::Tensor out = widen ? empty_output({M, N}, input.options()) : z;
+    epilogue_into<float>(act, z, out);
+    return out;
+  }
+  if (low && !widen && M * N * input.element_size() < kHugePageOutputBytes) {
+    // Native half / bfloat16: torch's GEMM into its own output (its out= variant measured 3%
+    // slower: 1.89 vs 1.84 ms at 1024x784->512), then the activation in place, exactly.
+    at::Tensor out = b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "linear_epilogue_low", [&] {
+      epilogue_forward(act, out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), out.numel());
+    });
     return out;
   }
   at::Tensor out = empty_output({M, N}, input.options());
-  const at::Tensor wt = weight.t();
-  const int64_t block = rows_per_block(M, N, input.element_size());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "linear_relu", [&] {
-    for (int64_t r0 = 0; r0 < M; r0 += block) {
-      const int64_t rows = std::min(block, M - r0);
-      at::Tensor o = out.narrow(0, r0, rows);
-      const at::Tensor x = input.narrow(0, r0, rows);
-      if (bias.has_value()) {
-        at::addmm_out(o, *bias, x, wt);  // beta=1 on the broadcast bias: bias fused by BLAS
-      } else {
-        at::mm_out(o, x, wt);
-      }
-      scalar_t* p = o.data_ptr<scalar_t>();
-      // The ReLU runs while the block is still in cache: the output goes to memory once.
-      parallel_elements(rows * N, [&](int64_t a, int64_t b) { relu_inplace(p + a, b - a); });
+  const at::Tensor wt = w.t();
+  const int64_t block = rows_per_block(M, N, x.element_size());
+  // Widened: each block's GEMM writes a float scratch block, which the epilogue rounds into out.
+  at::Tensor scratch = widen ? at::empty({std::min(block, M), N}, x.options()) : at::Tensor();
+  for (int64_t r0 = 0; r0 < M; r0 += block) {
+    const int64_t rows = std::min(block, M - r0);
+    at::Tensor o = out.narrow(0, r0, rows);
+    at::Tensor z = widen ? scratch.narrow(0, 0, rows) : o;
+    const at::Tensor xb = x.narrow(0, r0, rows);
+    mkl_mm(z, xb, wt, b, false);  // the bias fused by BLAS (beta=1)
+    // The activation runs while the block is still in cache: the output goes to memory once.
+    if (compute == at::kDouble) {
+      epilogue_into<double>(act, z, o);
+    } else if (compute == at::kFloat) {
+      epilogue_into<float>(act, z, o);
+    } else {  // native half / bfloat16: the GEMM rounded once, the activation is exact
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(compute, "linear_epilogue_low", [&] {
+        epilogue_forward(act, z.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), z.numel());
+      });
     }
-  });
+  }
   return out;
 }
 
-// Backward in the input dtype (float or double). Returns dx, dw, db (empty when not asked).
-// Block by block: mask grad_output into a cache-resident scratch block, then feed it to the dX
-// GEMM, the dW GEMM (accumulated block after block, in order: deterministic) and the db sum.
+// dz rows [r0, r0 + rows) from grad_output and the saved output (the input's dtype) into dz
+// (the compute type; half and bfloat16 widened as they are read, unless dz is theirs too).
+void mask_rows(Activation act, const at::Tensor& grad, const at::Tensor& out, int64_t r0,
+               int64_t rows, const at::Tensor& dz) {
+  const int64_t N = grad.size(1);
+  const bool same = dz.scalar_type() == grad.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "linear_mask", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* g = grad.data_ptr<scalar_t>() + r0 * N;
+    const scalar_t* y = out.data_ptr<scalar_t>() + r0 * N;
+    if (same) {
+      epilogue_backward(act, g, y, dz.data_ptr<scalar_t>(), rows, N);
+    } else {
+      epilogue_backward(act, g, y, dz.data_ptr<acc_t>(), rows, N);
+    }
+  });
+}
+
+// Backward in the compute type (float, or double). grad and out: contiguous, in the input's
+// dtype (half and bfloat16 are widened as the mask reads them); input and weight: in the compute
+// type. Returns dx, dw, db (empty when not asked).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
-    const at::Tensor& grad, const at::Tensor& out, const at::Tensor& input,
+    Activation act, const at::Tensor& grad, const at::Tensor& out, const at::Tensor& input,
     const at::Tensor& weight, bool need_dx, bool need_dw, bool need_db) {
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const auto opts = input.options();
@@ -221,62 +337,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   at::Tensor dw = need_dw ? (M ? at::empty({N, K}, opts) : at::zeros({N, K}, opts)) : at::empty({0}, opts);
   at::Tensor db = need_db ? (M ? at::empty({N}, opts) : at::zeros({N}, opts)) : at::empty({0}, opts);
   at::Tensor dx = at::empty({0}, opts);
-  // As in the forward, tensors of 32 MB and more stay on the blocked path: fresh full-size dZ
-  // and dX would cost their page faults (65536x128->128 bwd: 1.57x eager blocked, 1.05x here).
-  if (use_onednn(input) && M > 0 && N > 0 && K > 0 &&
-      M * std::max(N, K) * input.element_size() < kHugePageOutputBytes) {
+  const GemmPlan p = plan_gemms(input.scalar_type(), M, K, N);
+  if (p.any()) {
     // Whole-tensor GEMMs (oneDNN has no accumulate-into-output here): dZ once, as eager has it.
     at::Tensor dz = at::empty({M, N}, opts);
-    masked_grad_parallel(grad.data_ptr<float>(), out.data_ptr<float>(), dz.data_ptr<float>(), M, N);
-    if (need_dx) dx = onednn_mm_bt(dz, weight.t());
+    mask_rows(act, grad, out, 0, M, dz);
+    if (need_dx) {
+      if (p.dx) {
+        dx = onednn_mm_bt(dz, weight.t());
+      } else {
+        dx = at::empty({M, K}, opts);
+        mkl_mm(dx, dz, weight, std::nullopt, false);
+      }
+    }
     if (need_dw) {
-      if (M <= kOnednnGradWeightMaxRows) {
+      if (p.dw) {
         dw = onednn_mm_bt(dz.t(), input.t());
       } else {
-        at::mm_out(dw, dz.t(), input);
+        mkl_mm(dw, dz.t(), input, std::nullopt, false);
       }
     }
     if (need_db) at::sum_out(db, dz, 0);
     return {dx, dw, db};
   }
+  // Block by block: mask grad_output into a cache-resident scratch block, then feed it to the dX
+  // GEMM, the dW GEMM (accumulated block after block, in order: deterministic) and the db sum.
   if (need_dx) dx = empty_output({M, K}, opts);
   const int64_t block = rows_per_block(M, N, input.element_size());
   at::Tensor scratch = at::empty({std::min(block, M), N}, opts);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "linear_relu_backward", [&] {
-    for (int64_t r0 = 0; r0 < M; r0 += block) {
-      const int64_t rows = std::min(block, M - r0);
-      at::Tensor dz = scratch.narrow(0, 0, rows);
-      masked_grad_parallel(grad.data_ptr<scalar_t>() + r0 * N, out.data_ptr<scalar_t>() + r0 * N,
-                           dz.data_ptr<scalar_t>(), rows, N);
-      if (need_dx) {
-        at::Tensor dx_rows = dx.narrow(0, r0, rows);
-        at::mm_out(dx_rows, dz, weight);
-      }
-      const at::Tensor x = input.narrow(0, r0, rows);
-      if (need_dw) r0 == 0 ? at::mm_out(dw, dz.t(), x) : dw.addmm_(dz.t(), x);
-      if (need_db) r0 == 0 ? at::sum_out(db, dz, 0) : db.add_(dz.sum(0));
+  for (int64_t r0 = 0; r0 < M; r0 += block) {
+    const int64_t rows = std::min(block, M - r0);
+    at::Tensor dz = scratch.narrow(0, 0, rows);
+    mask_rows(act, grad, out, r0, rows, dz);
+    if (need_dx) {
+      at::Tensor dx_rows = dx.narrow(0, r0, rows);
+      mkl_mm(dx_rows, dz, weight, std::nullopt, false);
     }
-  });
+    const at::Tensor x = input.narrow(0, r0, rows);
+    if (need_dw) mkl_mm(dw, dz.t(), x, std::nullopt, r0 > 0);
+    if (need_db) r0 == 0 ? at::sum_out(db, dz, 0) : db.add_(dz.sum(0));
+  }
   return {dx, dw, db};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward(
-    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
-    const at::Tensor& weight, std::array<bool, 3> output_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
+    Activation act, const char* op, const at::Tensor& grad_output, const at::Tensor& output,
+    const at::Tensor& input, const at::Tensor& weight, std::array<bool, 3> output_mask) {
   check_inputs(input, weight, std::nullopt);
   const int64_t M = input.size(0), N = weight.size(0);
   TORCH_CHECK(grad_output.sizes() == output.sizes() && output.dim() == 2 &&
                   output.size(0) == M && output.size(1) == N,
-              "bigmodel::linear_relu_backward: grad_output ", grad_output.sizes(), " and output ",
-              output.sizes(), " must both be (", M, ", ", N, ")");
+              op, ": grad_output ", grad_output.sizes(), " and output ", output.sizes(),
+              " must both be (", M, ", ", N, ")");
   const auto dtype = input.scalar_type();
-  // Half and bfloat16 are computed in float, as torch accumulates them, then rounded once.
+  const at::Tensor g = grad_output.detach().to(dtype).contiguous();
+  const at::Tensor y = output.detach().to(dtype).contiguous();
   const bool low = dtype == at::kBFloat16 || dtype == at::kHalf;
-  auto prep = [&](const at::Tensor& t) {  // detached: see linear_relu_forward
+  if (low && native_low_precision_gemm(dtype)) {
+    // As eager computes it: the masked gradient (exact: a selection of dy) and three GEMMs in
+    // the dtype, each accumulated in float and rounded once by torch's native kernels. Whole
+    // tensors, not blocks: dW accumulated block by block would round between blocks.
+    at::Tensor dz = at::empty_like(g);
+    mask_rows(act, g, y, 0, M, dz);
+    const at::Tensor x = input.detach(), w = weight.detach();
+    const auto opts = input.options();
+    return {output_mask[0] ? at::mm(dz, w) : at::empty({0}, opts),
+            output_mask[1] ? at::mm(dz.t(), x) : at::empty({0}, opts),
+            output_mask[2] ? dz.sum(0) : at::empty({0}, opts)};
+  }
+  // Otherwise half and bfloat16 are computed in float, as torch accumulates them, then rounded
+  // once.
+  auto prep = [&](const at::Tensor& t) {  // detached: see linear_act_forward
     return (low ? t.detach().to(at::kFloat) : t.detach()).contiguous();
   };
-  auto [dx, dw, db] = backward_impl(prep(grad_output.to(dtype)), prep(output), prep(input),
-                                    prep(weight), output_mask[0], output_mask[1], output_mask[2]);
+  auto [dx, dw, db] = backward_impl(act, g, y, prep(input), prep(weight), output_mask[0],
+                                    output_mask[1], output_mask[2]);
   if (low) {
     dx = dx.to(dtype);
     dw = dw.to(dtype);
@@ -285,11 +420,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward(
   return {dx, dw, db};
 }
 
+at::Tensor linear_relu_forward(const at::Tensor& input, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias) {
+  return linear_act_forward(Activation::kReLU, input, weight, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
+    const at::Tensor& weight, std::array<bool, 3> output_mask) {
+  return linear_act_backward(Activation::kReLU, "bigmodel::linear_relu_backward", grad_output,
+                             output, input, weight, output_mask);
+}
+
 }  // namespace
+}  // namespace linear
 
 TORCH_LIBRARY_IMPL(bigmodel, CPU, m) {
-  m.impl("linear_relu", &linear_relu_forward);
-  m.impl("linear_relu_backward", &linear_relu_backward);
+  m.impl("linear_relu", &linear::linear_relu_forward);
+  m.impl("linear_relu_backward", &linear::linear_relu_backward);
 }
 
 }  // namespace bigmodel
