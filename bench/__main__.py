@@ -28,7 +28,7 @@ from bench.progress import Estimator, Progress, fmt_duration, model_seconds
 from bench.runner import Runner, budget_for, run_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = (*linear_relu.OPS, "attention", "mlp_step", "transformer_step", "gan_step")
+OPS = (*linear_relu.OPS, "attention", *end_to_end.OPS)
 ALIASES = {"e2e": ("mlp_step", "transformer_step", "gan_step"), "all": OPS}
 # --quick promises under 5 minutes on a 2-core CPU and under 4 on an H200, and the full sweep
 # under 25 minutes on a 2-core CPU without AVX-512: no case starts after these many seconds

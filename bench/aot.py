@@ -56,7 +56,7 @@ def arg_types(fn, ptr_types, int64=(), ones=()):
         elif name in ones:
             signature[name] = "constexpr"
             constexprs[name] = 1
-        elif name in ("qk_scale", "sm_scale", "dropout_p"):
+        elif name in ("qk_scale", "sm_scale", "dropout_p", "negative_slope"):
             signature[name] = "fp32"
         else:
             signature[name] = "i64" if name in int64 else "i32"

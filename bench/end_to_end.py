@@ -2,7 +2,10 @@
 
   mlp_step          the seed's classifier 784-512-256-10 (one shared nn.ReLU), cross-entropy
   transformer_step  one nn.TransformerEncoderLayer (batch_first, dropout 0), MSE to a target
-  gan_step          a discriminator step then a generator step, both Linear+ReLU stacks, BCE
+  transformer_gelu_step  the same layer with activation="gelu" (GPT-2 / BERT's FFN)
+  gan_step          a discriminator step then a generator step, as GANs are written (issue 14):
+                    G Linear+ReLU with a Tanh output, D Linear+LeakyReLU(0.2) with a Sigmoid
+                    output, BCE
 
 Providers: torch-eager (the model as written), torch-compile (the same model compiled,
 default mode), bigmodel-fused (the model written with bigmodel.nn modules, where that is a
@@ -37,32 +40,34 @@ class FusedMLP(nn.Module):
         return self.fc3(self.fc2(self.fc1(x)))
 
 
-def _stack(dims, fused, last=None):
-    """Linear+ReLU layers over ``dims``; the last Linear has no ReLU (``last`` follows it)."""
+# (eager module, bigmodel.nn.FusedLinear's activation arguments) per activation of the stacks.
+_ACTS = {"relu": (nn.ReLU, dict(activation="relu")),
+         "leaky_relu": (lambda: nn.LeakyReLU(0.2), dict(activation="leaky_relu", negative_slope=0.2)),
+         "tanh": (nn.Tanh, dict(activation="tanh")), "sigmoid": (nn.Sigmoid, dict(activation="sigmoid"))}
+
+
+def _stack(dims, fused, hidden, last):
+    """Linear + ``hidden`` activation layers over ``dims``, the last Linear followed by ``last``
+    (activation names of _ACTS). Fused: bigmodel.nn.FusedLinear with nn.Identity where the
+    activation was, so indices and state_dict keys are the eager model's."""
     layers = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        final = i == len(dims) - 2
-        if final:
-            layers.append(nn.Linear(a, b))
-        elif fused:  # Identity where the ReLU was: same indices, same state_dict keys
-            layers += [bigmodel.nn.FusedLinearReLU(a, b), nn.Identity()]
-        else:
-            layers += [nn.Linear(a, b), nn.ReLU()]
-    if last is not None:
-        layers.append(last)
+        module, fused_args = _ACTS[last if i == len(dims) - 2 else hidden]
+        layers += [bigmodel.nn.FusedLinear(a, b, **fused_args), nn.Identity()] if fused else [nn.Linear(a, b), module()]
     return nn.Sequential(*layers)
 
 
 class GAN(nn.Module):
-    """Generator 100-256-512-1024-784 (tanh) and discriminator 784-512-256-1 (logit)."""
+    """Generator 100-256-512-1024-784 (ReLU, Tanh out) and discriminator 784-512-256-1
+    (LeakyReLU 0.2, Sigmoid out)."""
 
     G_DIMS = (100, 256, 512, 1024, 784)
     D_DIMS = (784, 512, 256, 1)
 
     def __init__(self, fused=False):
         super().__init__()
-        self.G = _stack(self.G_DIMS, fused, nn.Tanh())
-        self.D = _stack(self.D_DIMS, fused)
+        self.G = _stack(self.G_DIMS, fused, "relu", "tanh")
+        self.D = _stack(self.D_DIMS, fused, "leaky_relu", "sigmoid")
 
 
 def _linear_flops(batch, dims, input_grad):
@@ -124,14 +129,14 @@ def _compiled(make):
 
 
 def _without_relu(make):
-    """The model with every nn.ReLU replaced by nn.Identity: the same GEMMs and everything else,
-    no activation at all. Not a contender (its function differs): it is the ceiling of any
-    Linear+ReLU fusion that keeps the GEMMs, the floor a fused step is held against."""
+    """The model with every hidden activation (nn.ReLU, nn.LeakyReLU) replaced by nn.Identity:
+    the same GEMMs and everything else, no activation there. Not a contender (its function
+    differs): it is the ceiling of any Linear + activation fusion that keeps the GEMMs."""
     def build():
         model = make()
         for parent in list(model.modules()):
             for name, child in parent.named_children():
-                if isinstance(child, nn.ReLU):
+                if isinstance(child, (nn.ReLU, nn.LeakyReLU)):
                     setattr(parent, name, nn.Identity())
         return model
 
@@ -193,7 +198,7 @@ def _transformer_step(model, opts, inputs):
     return loss
 
 
-def transformer_case(device, dtype, quick):
+def transformer_case(device, dtype, quick, activation="relu"):
     if device.type == "cuda":
         B, L, d, heads, ff = 8, 2048, 1024, 16, 4096
     else:
@@ -204,13 +209,14 @@ def transformer_case(device, dtype, quick):
     total = 3 * lin_fwd - qkv_dx + attention_flops(B, heads, L, L, d // heads, False, "fwd+bwd")
 
     def make():
-        return nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        return nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, activation=activation, batch_first=True)
 
     def inputs(seed):
         return [randn((B, L, d), dtype, device, seed), randn((B, L, d), dtype, device, seed + 1)]
 
     shape = {"B": B, "L": L, "d_model": d, "heads": heads, "ff": ff}
-    return Case("transformer_step", "fwd+bwd", dtype, shape, device, total, 0.0, inputs,
+    op = "transformer_step" if activation == "relu" else f"transformer_{activation}_step"
+    return Case(op, "fwd+bwd", dtype, shape, device, total, 0.0, inputs,
                 _providers(make, None, _transformer_step, dtype, device, quick),
                 family="e2e", input_bytes=2 * B * L * d * 4)
 
@@ -222,12 +228,11 @@ def _gan_step(model, opts, inputs):
     zeros = torch.zeros_like(ones)
     opts["D"].zero_grad(set_to_none=True)
     fake = G(z)
-    d_loss = (F.binary_cross_entropy_with_logits(D(real), ones)
-              + F.binary_cross_entropy_with_logits(D(fake.detach()), zeros))
+    d_loss = F.binary_cross_entropy(D(real), ones) + F.binary_cross_entropy(D(fake.detach()), zeros)
     d_loss.backward()
     opts["D"].step()
     opts["G"].zero_grad(set_to_none=True)
-    g_loss = F.binary_cross_entropy_with_logits(D(fake), ones)
+    g_loss = F.binary_cross_entropy(D(fake), ones)
     g_loss.backward()
     opts["G"].step()
     return g_loss
@@ -250,6 +255,9 @@ def gan_case(device, dtype, quick):
                 family="e2e", input_bytes=batch * 884 * 4)
 
 
+OPS = ("mlp_step", "transformer_step", "transformer_gelu_step", "gan_step")
+
+
 def cases(device, modes, dtypes, quick=False):
     """One case per model and dtype; a training step is a fwd+bwd row."""
     if "fwd+bwd" not in modes:
@@ -257,5 +265,5 @@ def cases(device, modes, dtypes, quick=False):
     out = []
     for dtype in dtypes:
         out += [mlp_case(device, dtype, quick), transformer_case(device, dtype, quick),
-                gan_case(device, dtype, quick)]
+                transformer_case(device, dtype, quick, "gelu"), gan_case(device, dtype, quick)]
     return out

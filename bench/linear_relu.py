@@ -1,6 +1,7 @@
 """The linear + activation family: y = act(x W^T + b) with x (M, K), W (N, K), b (N,).
 
-One row of ``OPS`` per fused op (today linear_relu): the CSV's op name, bigmodel's function,
+One row of ``OPS`` per fused op (linear_relu, and fused_linear's GELU, SiLU, Tanh, Sigmoid and
+LeakyReLU): the CSV's op name, bigmodel's function,
 the same in plain torch (torch-eager, and what torch.compile is given) and torch's own fused
 form where it has one. Adding an activation's rows is one entry there (and its shapes, if
 they differ, in ``shapes``); every entry gets the same sweep, providers and bounds.
@@ -49,8 +50,26 @@ class LinearAct:
     torch_fused: Optional[Callable] = None  # torch's own fused form (torch-addmm_act; fwd only)
 
 
-OPS = {"linear_relu": LinearAct("linear_relu", bigmodel.linear_relu, _eager, _addmm_act)}
+def _fused(activation, **kw):
+    # bigmodel.fused_linear with one activation, and its eager twin act(F.linear(x, W, b)).
+    torch_act = {"gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+                 "leaky_relu": F.leaky_relu}[activation]
+
+    def ours(x, w, b):
+        return bigmodel.fused_linear(x, w, b, activation, **kw)
+
+    def eager(x, w, b):
+        return torch_act(F.linear(x, w, b), **kw)
+
+    return LinearAct(f"linear_{activation}", ours, eager)
+
+
+OPS = {"linear_relu": LinearAct("linear_relu", bigmodel.linear_relu, _eager, _addmm_act),
+       **{f"linear_{a}": _fused(a) for a in ("gelu", "silu", "tanh", "sigmoid", "leaky_relu")}}
 OP = "linear_relu"
+# The rest of the family (bigmodel.fused_linear) on issue 14's shapes only: the seed MLP layer
+# at a large batch and a Transformer FFN up-projection; their GEMMs are linear_relu's sweep.
+FUSED_SHAPES = [(4096, 784, 512), (16384, 256, 1024)]
 
 
 def _bound_addmm(inputs, seed):
@@ -140,7 +159,8 @@ def cases(device, modes, dtypes, quick=False, ops=(OP,)):
     """The sweep of ``shapes`` for each op of ``OPS`` named in ``ops``."""
     seen = {}
     for op in (o for o in OPS if o in ops):
-        for family, x_key, group in shapes(device, quick):
+        groups = shapes(device, quick) if op == OP else [("issue", None, FUSED_SHAPES)]
+        for family, x_key, group in groups:
             for M, K, N in group:
                 for dtype in dtypes:
                     for mode in modes:

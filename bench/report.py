@@ -14,7 +14,7 @@ from collections import OrderedDict, defaultdict
 from bench.runner import COLUMNS
 
 CEILINGS = ("ceiling_matmul", "ceiling_copy")
-E2E = ("mlp_step", "transformer_step", "gan_step")
+E2E = ("mlp_step", "transformer_step", "transformer_gelu_step", "gan_step")
 MODE_ORDER = {"fwd": 0, "bwd": 1, "fwd+bwd": 2}
 
 

@@ -170,35 +170,53 @@ def attention_coverage_jobs():
 _LR_MODULE = "bigmodel.kernels.linear_relu"
 _LR_KERNELS = {
     # short name -> (kernel, extra tiles in the smem model, constexprs, unit strides)
-    "fwd": ("_linear_relu_fwd_kernel", 0, dict(HAS_BIAS=True), ("stride_xk", "stride_wk", "stride_yn")),
+    "fwd": ("_linear_relu_fwd_kernel", 0, dict(HAS_BIAS=True, SAVE_PRE=False), ("stride_xk", "stride_wk", "stride_yn")),
     "dx": ("_linear_relu_bwd_dx_kernel", 1, {}, ("stride_gn", "stride_yn", "stride_wk", "stride_dxk")),
     "dw": ("_linear_relu_bwd_dw_kernel", 1, dict(COMPUTE_DW=True, COMPUTE_DB=True),
            ("stride_gn", "stride_yn", "stride_xk", "stride_dwk")),
 }
 
 
-def linear_relu_job(kernel, config, dtype, static=False):
+def linear_relu_job(kernel, config, dtype, static=False, act="relu"):
+    """One compile of a linear + activation kernel; ``act`` other than relu is fused_linear's
+    (GELU's forward also stores the pre-activation)."""
     name, _, consts, ones = _LR_KERNELS[kernel]
-    ptrs = {p: dtype for p in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "dx_ptr", "dw_ptr", "db_ptr")}
-    constexprs = dict(config.kwargs, PRECISION="tf32" if dtype == "fp32" else "ieee", **consts)
+    ptrs = {p: dtype for p in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "pre_ptr", "g_ptr", "dx_ptr", "dw_ptr", "db_ptr")}
+    constexprs = dict(config.kwargs, PRECISION="tf32" if dtype == "fp32" else "ieee", **consts, ACT=act)
     if kernel == "fwd":
         constexprs["VARIANTS"] = "all"
+        constexprs["SAVE_PRE"] = act in ("gelu", "gelu_tanh", "silu")
+    op = "linear_relu" if act == "relu" else f"fused_linear {act}"
     return dict(module=_LR_MODULE, kernel=name, ptr_types=ptrs, ones=list(ones), constexprs=constexprs,
                 needs=_needs(config), num_warps=config.num_warps, num_stages=config.num_stages,
-                label=f"{dtype} {constexprs['PRECISION']}", op="linear_relu", part=kernel, dtype=dtype,
+                label=f"{dtype} {constexprs['PRECISION']}", op=op, part=kernel, dtype=dtype,
                 head_dim=None, static=static)
 
 
-def _lr_kept(kernel, dtype):
+def _lr_kept(kernel, dtype, act="relu"):
     from bigmodel.kernels import linear_relu as LR
 
-    return LR.prune(LR.sm90_configs(kernel), ELT_SIZE[dtype], _LR_KERNELS[kernel][1], family="all")
+    return LR.prune(LR.sm90_configs(kernel), ELT_SIZE[dtype], _LR_KERNELS[kernel][1], family="all", act=act)
+
+
+# fused_linear's heaviest epilogues (erf, and the tanh form's exp), checked on the largest config
+# of each variant their autotuners may pick: the activation adds registers to the epilogue
+# (kernels/linear_relu.py prunes the tiles that spill with it), not to the main loop.
+FUSED_ACTS = ("gelu", "gelu_tanh")
 
 
 def linear_relu_static_jobs():
-    """Every config linear_relu's autotuners may pick for fp16/bf16, forward, dX and dW."""
-    return [linear_relu_job(kernel, c, dtype, static=True)
+    """Every config linear_relu's autotuners may pick for fp16/bf16, forward, dX and dW; and
+    for bf16 the largest of each variant with fused_linear's GELU epilogues."""
+    jobs = [linear_relu_job(kernel, c, dtype, static=True)
             for kernel in _LR_KERNELS for dtype in ("fp16", "bf16") for c in _lr_kept(kernel, dtype)]
+    from bigmodel.kernels import linear_relu as LR
+
+    for kernel, (_, extra, _, _) in _LR_KERNELS.items():
+        for act in FUSED_ACTS:
+            largest = _largest_per_variant(_lr_kept(kernel, "bf16", act), lambda c: LR.smem_estimate(c, 2, extra))
+            jobs += [linear_relu_job(kernel, c, "bf16", static=True, act=act) for c in largest]
+    return jobs
 
 
 def linear_relu_coverage_jobs():

@@ -57,6 +57,12 @@ CPU += [Target("11", "linear_relu", "fwd", "bf16", "M=1024,K=784,N=512", "bigmod
                "bf16 not native", levels="!BF16"),
         Target("11", "attention", "fwd", "bf16", _ATT["causal0"], "bigmodel-cpp", "torch-sdpa", 3.0,
                "bf16 not native", levels="!BF16")]
+# Issue 14: the rest of the linear + activation family, and the GAN step written as GANs are.
+CPU += [Target("14", f"linear_{act}", "fwd", "fp32", shape, "bigmodel-cpp", "torch-eager",
+               1.2 if (act, shape) == ("gelu", "M=16384,K=256,N=1024") else 1.0)
+        for act in ("gelu", "silu", "tanh", "sigmoid", "leaky_relu")
+        for shape in ("M=4096,K=784,N=512", "M=16384,K=256,N=1024")]
+CPU += [Target("14", "gan_step", "fwd+bwd", "fp32", _STEPS[1][1], "bigmodel-optimize", "torch-eager", 1.05)]
 GPU = [
     Target("8", "attention", "fwd", "bf16", "B=2,H=16,L=8192,S=8192,D=128,causal=0", "best", "best", 1.0, "and >= 450 TFLOP/s"),
     Target("8", "attention", "fwd", "bf16", "B=2,H=16,L=8192,S=8192,D=128,causal=1", "best", "best", 1.0),

@@ -21,3 +21,9 @@ def dot_precision(dtype):
     """The ``input_precision`` of the kernels' dots: tf32 for fp32 only where torch allows it;
     fp16/bf16 always accumulate in fp32."""
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def saves_pre_activation(activation, negative_slope):
+    """Whether the backward of a linear + ``activation`` (the op's name) reads the pre-activation
+    z = x W^T + b rather than the output: the derivative is not a function of the output."""
+    return activation in ("gelu", "gelu_tanh", "silu") or (activation == "leaky_relu" and negative_slope < 0)

@@ -34,3 +34,16 @@ def test_prune_by_family_and_shared_memory():
     big = triton.Config(dict(BLOCK_M=256, BLOCK_N=256, BLOCK_K=128, TMA=False, WS=False, GROUP_M=8),
                         num_warps=8, num_stages=4)
     assert big not in LR.prune([big] + configs, 2, family="all")
+
+
+def test_transcendental_epilogues_get_the_tiles_that_do_not_spill():
+    """GELU, SiLU, Tanh and Sigmoid keep only tiles with at most 96 live fp32 values a thread
+    (the spill boundary measured on sm_90, kernels/linear_relu.py); ReLU keeps the larger ones."""
+    for kernel, extra in (("fwd", 0), ("dx", 1), ("dw", 1)):
+        configs = LR.sm90_configs(kernel)
+        relu = LR.prune(configs, 2, extra, family="all")
+        for act in ("gelu", "silu", "tanh", "sigmoid"):
+            kept = LR.prune(configs, 2, extra, family="all", act=act)
+            assert kept and all(LR.live_values_per_thread(c, extra) <= 96 for c in kept), (kernel, act)
+            assert set(map(str, kept)) < set(map(str, relu)), (kernel, act)
+        assert LR.prune(configs, 2, extra, family="all", act="leaky_relu") == relu

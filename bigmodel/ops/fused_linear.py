@@ -17,6 +17,7 @@ import math
 import torch
 
 from bigmodel import backend
+from bigmodel.kernels._common import saves_pre_activation
 from bigmodel.ops import _registry
 from bigmodel.ops.linear_relu import _check, linear_relu
 from bigmodel.reference import ref_fused_linear
@@ -87,11 +88,6 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
 
 # ---------------------------------------------------------------------------------------------
 # Registration of the op defined in csrc/bigmodel.cpp (only when the extension loaded).
-
-
-def saves_pre_activation(activation, negative_slope):
-    """Whether the op returns z for its backward (see the module docstring)."""
-    return activation in ("gelu", "gelu_tanh", "silu") or (activation == "leaky_relu" and negative_slope < 0)
 
 
 def _fake_forward(input, weight, bias, activation, negative_slope):
