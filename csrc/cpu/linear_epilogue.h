@@ -1,9 +1,9 @@
 // The elementwise halves of the CPU linear + activation ops: the epilogue applied to a GEMM's
-// output (y = act(z), rounded once to the output dtype) and the backward's gradient mask
-// (dz = dy * act'(z), read from the saved output). The bodies are in linear_epilogue_kernel.h,
-// compiled once per CPU capability as attention's kernels are; the functions here pick the
-// build for cpu_level(). Only ReLU exists now; another activation is one more Activation value
-// and one more functor in linear_epilogue_kernel.h.
+// output (y = act(z), rounded once to the output dtype, and optionally z itself rounded once for
+// the backward) and the backward's gradient (dz = dy * act'(saved), from the saved output or
+// pre-activation). The bodies are in linear_epilogue_kernel.h, compiled once per CPU capability
+// as attention's kernels are; the functions here pick the build for cpu_level(). Another
+// activation is one more Activation::Kind and one more functor in linear_epilogue_kernel.h.
 #pragma once
 
 #include "cpu_vec.h"
@@ -11,26 +11,46 @@
 namespace bigmodel {
 namespace linear {
 
-enum class Activation { kReLU };
+// An activation and its one parameter (LeakyReLU's slope; the others ignore it).
+struct Activation {
+  enum Kind { kNone, kReLU, kLeakyReLU, kGelu, kGeluTanh, kSilu, kTanh, kSigmoid };
+  Kind kind;
+  double negative_slope = 0.0;
+};
+
+// Whether the derivative needs the pre-activation z: it is not a function of the output (GELU,
+// SiLU, and LeakyReLU with a negative slope, where y > 0 no longer tells z > 0). The others
+// differentiate from the output y, as torch's own backward kernels do.
+inline bool derivative_reads_pre(const Activation& act) {
+  return act.kind == Activation::kGelu || act.kind == Activation::kGeluTanh ||
+         act.kind == Activation::kSilu ||
+         (act.kind == Activation::kLeakyReLU && act.negative_slope < 0);
+}
 
 // One set per CPU capability. forward: y[0:n] = act(z[0:n]) (z and y may be the same memory
-// when they share a type). backward: dz[0:n] = dy[0:n] * act'(from y[0:n]), in float (double
-// for double) reading half and bfloat16 directly, or in their own type (native GEMMs).
-#define BIGMODEL_LINEAR_EPILOGUE_DECLARE(cap)                                                       \
-  namespace cap {                                                                                   \
-  void forward(Activation act, const float* z, float* y, int64_t n);                                \
-  void forward(Activation act, const double* z, double* y, int64_t n);                              \
-  void forward(Activation act, const float* z, at::BFloat16* y, int64_t n);                         \
-  void forward(Activation act, const float* z, at::Half* y, int64_t n);                             \
-  void forward(Activation act, const at::BFloat16* z, at::BFloat16* y, int64_t n);                  \
-  void forward(Activation act, const at::Half* z, at::Half* y, int64_t n);                          \
-  void backward(Activation act, const float* dy, const float* y, float* dz, int64_t n);             \
-  void backward(Activation act, const double* dy, const double* y, double* dz, int64_t n);          \
-  void backward(Activation act, const at::BFloat16* dy, const at::BFloat16* y, float* dz, int64_t n); \
-  void backward(Activation act, const at::Half* dy, const at::Half* y, float* dz, int64_t n);       \
-  void backward(Activation act, const at::BFloat16* dy, const at::BFloat16* y, at::BFloat16* dz,     \
-                int64_t n);                                                                         \
-  void backward(Activation act, const at::Half* dy, const at::Half* y, at::Half* dz, int64_t n);    \
+// when they share a type); from float into half or bfloat16 also pre[0:n] = z rounded, unless
+// pre is null. backward: dz[0:n] = dy[0:n] * act'(saved[0:n]), in float (double for double)
+// reading half and bfloat16 directly, or in their own type (native GEMMs).
+#define BIGMODEL_LINEAR_EPILOGUE_DECLARE(cap)                                                      \
+  namespace cap {                                                                                  \
+  void forward(const Activation& act, const float* z, float* y, int64_t n);                        \
+  void forward(const Activation& act, const double* z, double* y, int64_t n);                      \
+  void forward(const Activation& act, const float* z, at::BFloat16* y, at::BFloat16* pre,          \
+               int64_t n);                                                                         \
+  void forward(const Activation& act, const float* z, at::Half* y, at::Half* pre, int64_t n);      \
+  void forward(const Activation& act, const at::BFloat16* z, at::BFloat16* y, int64_t n);          \
+  void forward(const Activation& act, const at::Half* z, at::Half* y, int64_t n);                  \
+  void backward(const Activation& act, const float* dy, const float* saved, float* dz, int64_t n); \
+  void backward(const Activation& act, const double* dy, const double* saved, double* dz,          \
+                int64_t n);                                                                        \
+  void backward(const Activation& act, const at::BFloat16* dy, const at::BFloat16* saved,          \
+                float* dz, int64_t n);                                                             \
+  void backward(const Activation& act, const at::Half* dy, const at::Half* saved, float* dz,       \
+                int64_t n);                                                                        \
+  void backward(const Activation& act, const at::BFloat16* dy, const at::BFloat16* saved,          \
+                at::BFloat16* dz, int64_t n);                                                      \
+  void backward(const Activation& act, const at::Half* dy, const at::Half* saved, at::Half* dz,    \
+                int64_t n);                                                                        \
   }
 BIGMODEL_LINEAR_EPILOGUE_DECLARE(DEFAULT)
 BIGMODEL_LINEAR_EPILOGUE_DECLARE(AVX2)
@@ -40,38 +60,50 @@ BIGMODEL_LINEAR_EPILOGUE_DECLARE(AVX512)
 // Chunks big enough to amortise a fork, small enough to spread a cache-sized block over cores.
 constexpr int64_t kEpilogueGrain = 16384;
 
+// The per-capability call for one chunk, picked once per call of the helpers below.
+#if BIGMODEL_CPU_VECTOR_VARIANTS
+#define BIGMODEL_EPILOGUE_AT_LEVEL(level, fn, ...)                   \
+  switch (level) {                                                   \
+    case CpuLevel::kAvx512: return AVX512::fn(__VA_ARGS__);          \
+    case CpuLevel::kAvx2: return AVX2::fn(__VA_ARGS__);              \
+    default: return DEFAULT::fn(__VA_ARGS__);                        \
+  }
+#else
+#define BIGMODEL_EPILOGUE_AT_LEVEL(level, fn, ...) return DEFAULT::fn(__VA_ARGS__);
+#endif
+
 // The epilogue over n elements, split across the threads.
 template <typename acc_t, typename out_t>
-void epilogue_forward(Activation act, const acc_t* z, out_t* y, int64_t n) {
+void epilogue_forward(const Activation& act, const acc_t* z, out_t* y, int64_t n) {
   const CpuLevel level = cpu_level();
   at::parallel_for(0, n, kEpilogueGrain, [&](int64_t a, int64_t b) {
-    switch (level) {
-#if BIGMODEL_CPU_VECTOR_VARIANTS
-      case CpuLevel::kAvx512: return AVX512::forward(act, z + a, y + a, b - a);
-      case CpuLevel::kAvx2: return AVX2::forward(act, z + a, y + a, b - a);
-#endif
-      default: return DEFAULT::forward(act, z + a, y + a, b - a);
-    }
+    BIGMODEL_EPILOGUE_AT_LEVEL(level, forward, act, z + a, y + a, b - a)
   });
 }
 
-// The gradient mask over `rows` rows of width n, split across the threads.
+// The same from a float block into half or bfloat16 y, and z itself rounded into pre (unless
+// null) while the block is in cache.
+template <typename low_t>
+void epilogue_forward(const Activation& act, const float* z, low_t* y, low_t* pre, int64_t n) {
+  const CpuLevel level = cpu_level();
+  at::parallel_for(0, n, kEpilogueGrain, [&](int64_t a, int64_t b) {
+    BIGMODEL_EPILOGUE_AT_LEVEL(level, forward, act, z + a, y + a, pre ? pre + a : nullptr, b - a)
+  });
+}
+
+// The gradient over `rows` rows of width n, split across the threads.
 template <typename in_t, typename acc_t>
-void epilogue_backward(Activation act, const in_t* dy, const in_t* y, acc_t* dz, int64_t rows,
-                       int64_t n) {
+void epilogue_backward(const Activation& act, const in_t* dy, const in_t* saved, acc_t* dz,
+                       int64_t rows, int64_t n) {
   const CpuLevel level = cpu_level();
   const int64_t grain = std::max<int64_t>(1, kEpilogueGrain / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows, grain, [&](int64_t a, int64_t b) {
     const int64_t o = a * n, c = (b - a) * n;
-    switch (level) {
-#if BIGMODEL_CPU_VECTOR_VARIANTS
-      case CpuLevel::kAvx512: return AVX512::backward(act, dy + o, y + o, dz + o, c);
-      case CpuLevel::kAvx2: return AVX2::backward(act, dy + o, y + o, dz + o, c);
-#endif
-      default: return DEFAULT::backward(act, dy + o, y + o, dz + o, c);
-    }
+    BIGMODEL_EPILOGUE_AT_LEVEL(level, backward, act, dy + o, saved + o, dz + o, c)
   });
 }
+
+#undef BIGMODEL_EPILOGUE_AT_LEVEL
 
 }  // namespace linear
 }  // namespace bigmodel

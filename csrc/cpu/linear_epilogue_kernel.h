@@ -34,27 +34,52 @@ struct LowBits {
   }
 };
 
-// An activation: its value and its gradient from the saved output, for scalars and vectors.
+// An activation: its value and its gradient from the saved tensor (the output y, or the
+// pre-activation z where derivative_reads_pre), for scalars and vectors. Each formula is the one
+// torch's own kernel uses, or a rearrangement of it that rounds less (noted where so), so NaN,
+// +-inf and the accuracy follow torch's. Functors are instances: LeakyReLU carries its slope.
 // kSelects: the value is either the input or zero (and the gradient dy or zero), so half and
 // bfloat16 can be done on their bit patterns, without converting or rounding.
+
+// No activation (a plain linear layer). The engine skips it where it would copy onto itself.
+struct Identity {
+  static constexpr bool kSelects = true;
+  template <typename T>
+  T fwd(T z) const {
+    return z;
+  }
+  template <typename T>
+  T bwd(T dy, T) const {
+    return dy;
+  }
+  template <typename low_t>
+  static uint16_t fwd_bits(uint16_t z) {
+    return z;
+  }
+  template <typename low_t>
+  static uint16_t bwd_bits(uint16_t dy, uint16_t) {
+    return dy;
+  }
+};
+
 struct Relu {
   static constexpr bool kSelects = true;
   // NaN stays NaN (`z < 0` is false for it; at::vec::maximum propagates it), as torch.relu.
   template <typename T>
-  static T fwd(T z) {
+  T fwd(T z) const {
     return z < T(0) ? T(0) : z;
   }
   template <typename T>
-  static Vectorized<T> fwd(const Vectorized<T>& z) {
+  Vectorized<T> fwd(const Vectorized<T>& z) const {
     return at::vec::maximum(z, Vectorized<T>(T(0)));
   }
   // The gradient passes where y > 0 or y is NaN (as torch's threshold_backward): zero where y <= 0.
   template <typename T>
-  static T bwd(T dy, T y) {
+  T bwd(T dy, T y) const {
     return y <= T(0) ? T(0) : dy;
   }
   template <typename T>
-  static Vectorized<T> bwd(const Vectorized<T>& dy, const Vectorized<T>& y) {
+  Vectorized<T> bwd(const Vectorized<T>& dy, const Vectorized<T>& y) const {
     const Vectorized<T> zero(T(0));
     return Vectorized<T>::blendv(dy, zero, y <= zero);
   }
@@ -69,37 +94,215 @@ struct Relu {
   }
 };
 
-// y = F(z) with z and y of one type (possibly the same memory).
+// z > 0 ? z : z * slope, as torch's leaky_relu (NaN * slope is NaN). The gradient's test reads
+// the saved tensor: y > 0 exactly where z > 0 for a slope >= 0, else the engine saves z.
+struct LeakyRelu {
+  static constexpr bool kSelects = false;
+  double slope;
+  template <typename T>
+  T fwd(T z) const {
+    return z > T(0) ? z : z * T(slope);
+  }
+  template <typename T>
+  Vectorized<T> fwd(const Vectorized<T>& z) const {
+    return Vectorized<T>::blendv(z * Vectorized<T>(T(slope)), z, z > Vectorized<T>(T(0)));
+  }
+  template <typename T>
+  T bwd(T dy, T s) const {
+    return s > T(0) ? dy : dy * T(slope);
+  }
+  template <typename T>
+  Vectorized<T> bwd(const Vectorized<T>& dy, const Vectorized<T>& s) const {
+    return Vectorized<T>::blendv(dy * Vectorized<T>(T(slope)), dy, s > Vectorized<T>(T(0)));
+  }
+};
+
+// GELU with the exact CDF, torch's formula: 0.5 z (1 + erf(z / sqrt 2)). GELU(+inf) = +inf
+// (our convention, tests/test_fused_linear.py), GELU(-inf) = -inf * 0 = NaN, as it gives them.
+// at::vec's float erf is Abramowitz-Stegun 7.1.26 (1.5e-7 absolute) around Sleef's exp: on
+// [-8, 8] against float64 this GELU is off by at most 4.5e-7, torch's own fp32 F.gelu (oneDNN)
+// by 1.2e-6. The exact alternative, 0.5 z erfc(-z / sqrt 2) through Sleef's erfc, measured
+// 40 ms of epilogue on 16384 x 1024 (2 threads) against under 10 ms for this one.
+struct Gelu {
+  static constexpr bool kSelects = false;
+  static constexpr double kSqrtHalf = 0.70710678118654752440;
+  static constexpr double kInvSqrt2Pi = 0.39894228040143267794;  // phi(0)
+  template <typename T>
+  T fwd(T z) const {
+    return T(0.5) * z * (T(1) + std::erf(z * T(kSqrtHalf)));
+  }
+  template <typename T>
+  Vectorized<T> fwd(const Vectorized<T>& z) const {
+    using V = Vectorized<T>;
+    return V(T(0.5)) * z * (V(T(1)) + (z * V(T(kSqrtHalf))).erf());
+  }
+  // Phi(z) + z * phi(z), as torch's gelu_backward.
+  template <typename T>
+  T bwd(T dy, T z) const {
+    const T cdf = T(0.5) * (T(1) + std::erf(z * T(kSqrtHalf)));
+    return dy * (cdf + z * T(kInvSqrt2Pi) * std::exp(T(-0.5) * z * z));
+  }
+  template <typename T>
+  Vectorized<T> bwd(const Vectorized<T>& dy, const Vectorized<T>& z) const {
+    using V = Vectorized<T>;
+    const V cdf = V(T(0.5)) * (V(T(1)) + (z * V(T(kSqrtHalf))).erf());
+    const V pdf = V(T(kInvSqrt2Pi)) * (V(T(-0.5)) * z * z).exp();
+    return dy * at::vec::fmadd(z, pdf, cdf);
+  }
+};
+
+// GELU's tanh approximation, 0.5 z (1 + tanh(u)) with u = sqrt(2/pi) (z + 0.044715 z^3), as
+// torch's. Computed as z * sigmoid(2u), the same function, through e = exp(-|2u|) <= 1: no
+// cancellation of 1 + tanh(u) for z < 0, no overflow, one exp instead of a tanh, and +-inf and
+// NaN come out as torch's formula gives them (GELU(+inf) = inf, GELU(-inf) = -inf * 0 = NaN).
+struct GeluTanh {
+  static constexpr bool kSelects = false;
+  static constexpr double kTwoBeta = 2 * 0.79788456080286535588;  // 2 sqrt(2/pi)
+  static constexpr double kKappa = 0.044715;
+  // sigmoid(2u) and 1 - sigmoid(2u), each without cancellation.
+  template <typename T>
+  static std::pair<T, T> sigmoid_pair(T z) {
+    const T u2 = T(kTwoBeta) * (z + T(kKappa) * z * z * z);
+    const T e = std::exp(-std::abs(u2)), r = T(1) / (T(1) + e);
+    return u2 >= T(0) ? std::pair<T, T>{r, e * r} : std::pair<T, T>{e * r, r};
+  }
+  template <typename T>
+  static std::pair<Vectorized<T>, Vectorized<T>> sigmoid_pair(const Vectorized<T>& z) {
+    using V = Vectorized<T>;
+    const V u2 = V(T(kTwoBeta)) * at::vec::fmadd(V(T(kKappa)) * z * z, z, z);
+    const V e = u2.abs().neg().exp(), r = V(T(1)) / (V(T(1)) + e), er = e * r;
+    const V positive = u2 >= V(T(0));
+    return {V::blendv(er, r, positive), V::blendv(r, er, positive)};
+  }
+  template <typename T>
+  T fwd(T z) const {
+    return z * sigmoid_pair(z).first;
+  }
+  template <typename T>
+  Vectorized<T> fwd(const Vectorized<T>& z) const {
+    return z * sigmoid_pair(z).first;
+  }
+  // d/dz z s(2u) = s + z s (1 - s) 2u', 2u' = 2 sqrt(2/pi) (1 + 3 * 0.044715 z^2): torch's
+  // 0.5 (1 + t) + 0.5 z (1 - t^2) u' with t = 2s - 1.
+  template <typename T>
+  T bwd(T dy, T z) const {
+    const auto [s, one_minus_s] = sigmoid_pair(z);
+    const T du2 = T(kTwoBeta) * (T(1) + T(3 * kKappa) * z * z);
+    return dy * (s + z * du2 * s * one_minus_s);
+  }
+  template <typename T>
+  Vectorized<T> bwd(const Vectorized<T>& dy, const Vectorized<T>& z) const {
+    using V = Vectorized<T>;
+    const auto [s, one_minus_s] = sigmoid_pair(z);
+    const V du2 = V(T(kTwoBeta)) * at::vec::fmadd(V(T(3 * kKappa)) * z, z, V(T(1)));
+    return dy * at::vec::fmadd(z * du2, s * one_minus_s, s);
+  }
+};
+
+// z * sigmoid(z) = z / (1 + exp(-z)), as torch's silu (SiLU(-inf) = -inf / inf = NaN there too).
+struct Silu {
+  static constexpr bool kSelects = false;
+  template <typename T>
+  T fwd(T z) const {
+    return z / (T(1) + std::exp(-z));
+  }
+  template <typename T>
+  Vectorized<T> fwd(const Vectorized<T>& z) const {
+    return z / (Vectorized<T>(T(1)) + z.neg().exp());
+  }
+  // s (1 + z (1 - s)), as torch's silu_backward.
+  template <typename T>
+  T bwd(T dy, T z) const {
+    const T s = T(1) / (T(1) + std::exp(-z));
+    return dy * s * (T(1) + z * (T(1) - s));
+  }
+  template <typename T>
+  Vectorized<T> bwd(const Vectorized<T>& dy, const Vectorized<T>& z) const {
+    using V = Vectorized<T>;
+    const V one(T(1));
+    const V s = one / (one + z.neg().exp());
+    return dy * s * at::vec::fmadd(z, one - s, one);
+  }
+};
+
+struct Tanh {
+  static constexpr bool kSelects = false;
+  template <typename T>
+  T fwd(T z) const {
+    return std::tanh(z);
+  }
+  template <typename T>
+  Vectorized<T> fwd(const Vectorized<T>& z) const {
+    return z.tanh();
+  }
+  // 1 - y^2 from the output, as torch's tanh_backward.
+  template <typename T>
+  T bwd(T dy, T y) const {
+    return dy * (T(1) - y * y);
+  }
+  template <typename T>
+  Vectorized<T> bwd(const Vectorized<T>& dy, const Vectorized<T>& y) const {
+    return dy * (Vectorized<T>(T(1)) - y * y);
+  }
+};
+
+struct Sigmoid {
+  static constexpr bool kSelects = false;
+  // 1 / (1 + exp(-z)), as torch's sigmoid: sigmoid(-inf) = 0, sigmoid(inf) = 1.
+  template <typename T>
+  T fwd(T z) const {
+    return T(1) / (T(1) + std::exp(-z));
+  }
+  template <typename T>
+  Vectorized<T> fwd(const Vectorized<T>& z) const {
+    return (Vectorized<T>(T(1)) + z.neg().exp()).reciprocal();
+  }
+  // y (1 - y) from the output, as torch's sigmoid_backward.
+  template <typename T>
+  T bwd(T dy, T y) const {
+    return dy * (T(1) - y) * y;
+  }
+  template <typename T>
+  Vectorized<T> bwd(const Vectorized<T>& dy, const Vectorized<T>& y) const {
+    return dy * (Vectorized<T>(T(1)) - y) * y;
+  }
+};
+
+// y = f(z) with z and y of one type (possibly the same memory).
 template <typename F, typename T>
-void forward_same(const T* z, T* y, int64_t n) {
+void forward_same(const F& f, const T* z, T* y, int64_t n) {
   int64_t i = 0;
   if constexpr (kVector) {
     using V = Vectorized<T>;
-    for (; i + V::size() <= n; i += V::size()) F::fwd(V::loadu(z + i)).store(y + i);
+    for (; i + V::size() <= n; i += V::size()) f.fwd(V::loadu(z + i)).store(y + i);
   }
-  for (; i < n; ++i) y[i] = F::fwd(z[i]);
+  for (; i < n; ++i) y[i] = f.fwd(z[i]);
 }
 
-// y = F(z) rounded once from float to half or bfloat16.
+// y = f(z) rounded once from float to half or bfloat16, and pre = z rounded once unless null.
 template <typename F, typename low_t>
-void forward_round(const float* z, low_t* y, int64_t n) {
+void forward_round(const F& f, const float* z, low_t* y, low_t* pre, int64_t n) {
   int64_t i = 0;
   if constexpr (kVector) {
     using V = Vectorized<float>;
     constexpr int64_t W = V::size();
     for (; i + 2 * W <= n; i += 2 * W) {
-      at::vec::convert_from_float<low_t>(F::fwd(V::loadu(z + i)), F::fwd(V::loadu(z + i + W)))
-          .store(y + i);
+      const V z0 = V::loadu(z + i), z1 = V::loadu(z + i + W);
+      at::vec::convert_from_float<low_t>(f.fwd(z0), f.fwd(z1)).store(y + i);
+      if (pre != nullptr) at::vec::convert_from_float<low_t>(z0, z1).store(pre + i);
     }
   }
-  for (; i < n; ++i) y[i] = static_cast<low_t>(F::fwd(z[i]));
+  for (; i < n; ++i) {
+    y[i] = static_cast<low_t>(f.fwd(z[i]));
+    if (pre != nullptr) pre[i] = static_cast<low_t>(z[i]);
+  }
 }
 
-// y = F(z) for half or bfloat16 in and out (native GEMMs): on the bit patterns where F only
+// y = f(z) for half or bfloat16 in and out (native GEMMs): on the bit patterns where f only
 // selects, else through float (at::vec's own bfloat16 maximum dropped NaN). Measured for ReLU
 // on 512K bfloat16 at AVX512: the float round trip cost 0.2 ms beside a 1.9 ms GEMM.
 template <typename F, typename low_t>
-void forward_low(const low_t* z, low_t* y, int64_t n) {
+void forward_low(const F& f, const low_t* z, low_t* y, int64_t n) {
   if constexpr (F::kSelects) {
     const uint16_t* zb = reinterpret_cast<const uint16_t*>(z);
     uint16_t* yb = reinterpret_cast<uint16_t*>(y);
@@ -111,51 +314,51 @@ void forward_low(const low_t* z, low_t* y, int64_t n) {
     using L = Vectorized<low_t>;
     for (; i + L::size() <= n; i += L::size()) {
       auto [z0, z1] = at::vec::convert_to_float<low_t>(L::loadu(z + i));
-      at::vec::convert_from_float<low_t>(F::fwd(z0), F::fwd(z1)).store(y + i);
+      at::vec::convert_from_float<low_t>(f.fwd(z0), f.fwd(z1)).store(y + i);
     }
   }
-  for (; i < n; ++i) y[i] = static_cast<low_t>(F::fwd(static_cast<float>(z[i])));
+  for (; i < n; ++i) y[i] = static_cast<low_t>(f.fwd(static_cast<float>(z[i])));
 }
 
 template <typename F, typename T>
-void backward_same(const T* dy, const T* y, T* dz, int64_t n) {
+void backward_same(const F& f, const T* dy, const T* saved, T* dz, int64_t n) {
   int64_t i = 0;
   if constexpr (kVector) {
     using V = Vectorized<T>;
-    for (; i + V::size() <= n; i += V::size()) F::bwd(V::loadu(dy + i), V::loadu(y + i)).store(dz + i);
+    for (; i + V::size() <= n; i += V::size()) f.bwd(V::loadu(dy + i), V::loadu(saved + i)).store(dz + i);
   }
   for (; i < n; ++i) {
-    const T g = dy[i], v = y[i];  // both loaded unconditionally: lets GCC vectorise
-    dz[i] = F::bwd(g, v);
+    const T g = dy[i], v = saved[i];  // both loaded unconditionally: lets GCC vectorise
+    dz[i] = f.bwd(g, v);
   }
 }
 
-// dz (float) from half or bfloat16 dy and y, converted as they are loaded.
+// dz (float) from half or bfloat16 dy and saved, converted as they are loaded.
 template <typename F, typename low_t>
-void backward_widen(const low_t* dy, const low_t* y, float* dz, int64_t n) {
+void backward_widen(const F& f, const low_t* dy, const low_t* saved, float* dz, int64_t n) {
   int64_t i = 0;
   if constexpr (kVector) {
     using L = Vectorized<low_t>;
     constexpr int64_t W = Vectorized<float>::size();
     for (; i + L::size() <= n; i += L::size()) {
       auto [g0, g1] = at::vec::convert_to_float<low_t>(L::loadu(dy + i));
-      auto [y0, y1] = at::vec::convert_to_float<low_t>(L::loadu(y + i));
-      F::bwd(g0, y0).store(dz + i);
-      F::bwd(g1, y1).store(dz + i + W);
+      auto [s0, s1] = at::vec::convert_to_float<low_t>(L::loadu(saved + i));
+      f.bwd(g0, s0).store(dz + i);
+      f.bwd(g1, s1).store(dz + i + W);
     }
   }
-  for (; i < n; ++i) dz[i] = F::bwd(static_cast<float>(dy[i]), static_cast<float>(y[i]));
+  for (; i < n; ++i) dz[i] = f.bwd(static_cast<float>(dy[i]), static_cast<float>(saved[i]));
 }
 
 // dz in half or bfloat16 itself (native GEMMs), as forward_low.
 template <typename F, typename low_t>
-void backward_low(const low_t* dy, const low_t* y, low_t* dz, int64_t n) {
+void backward_low(const F& f, const low_t* dy, const low_t* saved, low_t* dz, int64_t n) {
   if constexpr (F::kSelects) {
     const uint16_t* gb = reinterpret_cast<const uint16_t*>(dy);
-    const uint16_t* yb = reinterpret_cast<const uint16_t*>(y);
+    const uint16_t* sb = reinterpret_cast<const uint16_t*>(saved);
     uint16_t* db = reinterpret_cast<uint16_t*>(dz);
     for (int64_t i = 0; i < n; ++i) {
-      const uint16_t g = gb[i], v = yb[i];  // both loaded unconditionally: lets GCC vectorise
+      const uint16_t g = gb[i], v = sb[i];  // both loaded unconditionally: lets GCC vectorise
       db[i] = F::template bwd_bits<low_t>(g, v);
     }
     return;
@@ -165,63 +368,80 @@ void backward_low(const low_t* dy, const low_t* y, low_t* dz, int64_t n) {
     using L = Vectorized<low_t>;
     for (; i + L::size() <= n; i += L::size()) {
       auto [g0, g1] = at::vec::convert_to_float<low_t>(L::loadu(dy + i));
-      auto [y0, y1] = at::vec::convert_to_float<low_t>(L::loadu(y + i));
-      at::vec::convert_from_float<low_t>(F::bwd(g0, y0), F::bwd(g1, y1)).store(dz + i);
+      auto [s0, s1] = at::vec::convert_to_float<low_t>(L::loadu(saved + i));
+      at::vec::convert_from_float<low_t>(f.bwd(g0, s0), f.bwd(g1, s1)).store(dz + i);
     }
   }
-  for (; i < n; ++i) dz[i] = static_cast<low_t>(F::bwd(static_cast<float>(dy[i]), static_cast<float>(y[i])));
+  for (; i < n; ++i) {
+    dz[i] = static_cast<low_t>(f.bwd(static_cast<float>(dy[i]), static_cast<float>(saved[i])));
+  }
 }
 
-// One switch per activation; issue 14's activations add a case each.
-#define BIGMODEL_EPILOGUE_SWITCH(act, call) \
-  switch (act) {                            \
-    case Activation::kReLU: {               \
-      using F = Relu;                       \
-      call;                                 \
-      return;                               \
-    }                                       \
+// One switch per activation: `call` runs with `f`, the functor of act.
+#define BIGMODEL_EPILOGUE_CASE(kind, functor, call) \
+  case Activation::kind: {                          \
+    const functor f{};                              \
+    call;                                           \
+    return;                                         \
+  }
+#define BIGMODEL_EPILOGUE_SWITCH(act, call)           \
+  switch (act.kind) {                                 \
+    BIGMODEL_EPILOGUE_CASE(kNone, Identity, call)     \
+    BIGMODEL_EPILOGUE_CASE(kReLU, Relu, call)         \
+    case Activation::kLeakyReLU: {                    \
+      const LeakyRelu f{act.negative_slope};          \
+      call;                                           \
+      return;                                         \
+    }                                                 \
+    BIGMODEL_EPILOGUE_CASE(kGelu, Gelu, call)         \
+    BIGMODEL_EPILOGUE_CASE(kGeluTanh, GeluTanh, call) \
+    BIGMODEL_EPILOGUE_CASE(kSilu, Silu, call)         \
+    BIGMODEL_EPILOGUE_CASE(kTanh, Tanh, call)         \
+    BIGMODEL_EPILOGUE_CASE(kSigmoid, Sigmoid, call)   \
   }
 
-void forward(Activation act, const float* z, float* y, int64_t n) {
-  BIGMODEL_EPILOGUE_SWITCH(act, (forward_same<F>(z, y, n)))
+void forward(const Activation& act, const float* z, float* y, int64_t n) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (forward_same(f, z, y, n)))
 }
-void forward(Activation act, const double* z, double* y, int64_t n) {
-  BIGMODEL_EPILOGUE_SWITCH(act, (forward_same<F>(z, y, n)))
+void forward(const Activation& act, const double* z, double* y, int64_t n) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (forward_same(f, z, y, n)))
 }
-void forward(Activation act, const float* z, at::BFloat16* y, int64_t n) {
-  BIGMODEL_EPILOGUE_SWITCH(act, (forward_round<F>(z, y, n)))
+void forward(const Activation& act, const float* z, at::BFloat16* y, at::BFloat16* pre, int64_t n) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (forward_round(f, z, y, pre, n)))
 }
-void forward(Activation act, const float* z, at::Half* y, int64_t n) {
-  BIGMODEL_EPILOGUE_SWITCH(act, (forward_round<F>(z, y, n)))
+void forward(const Activation& act, const float* z, at::Half* y, at::Half* pre, int64_t n) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (forward_round(f, z, y, pre, n)))
 }
-void forward(Activation act, const at::BFloat16* z, at::BFloat16* y, int64_t n) {
-  BIGMODEL_EPILOGUE_SWITCH(act, (forward_low<F>(z, y, n)))
+void forward(const Activation& act, const at::BFloat16* z, at::BFloat16* y, int64_t n) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (forward_low(f, z, y, n)))
 }
-void forward(Activation act, const at::Half* z, at::Half* y, int64_t n) {
-  BIGMODEL_EPILOGUE_SWITCH(act, (forward_low<F>(z, y, n)))
+void forward(const Activation& act, const at::Half* z, at::Half* y, int64_t n) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (forward_low(f, z, y, n)))
 }
-void backward(Activation act, const float* dy, const float* y, float* dz, int64_t n) {
-  BIGMODEL_EPILOGUE_SWITCH(act, (backward_same<F>(dy, y, dz, n)))
+void backward(const Activation& act, const float* dy, const float* saved, float* dz, int64_t n) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (backward_same(f, dy, saved, dz, n)))
 }
-void backward(Activation act, const double* dy, const double* y, double* dz, int64_t n) {
-  BIGMODEL_EPILOGUE_SWITCH(act, (backward_same<F>(dy, y, dz, n)))
+void backward(const Activation& act, const double* dy, const double* saved, double* dz, int64_t n) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (backward_same(f, dy, saved, dz, n)))
 }
-void backward(Activation act, const at::BFloat16* dy, const at::BFloat16* y, float* dz, int64_t n) {
-  BIGMODEL_EPILOGUE_SWITCH(act, (backward_widen<F>(dy, y, dz, n)))
-}
-void backward(Activation act, const at::Half* dy, const at::Half* y, float* dz, int64_t n) {
-  BIGMODEL_EPILOGUE_SWITCH(act, (backward_widen<F>(dy, y, dz, n)))
-}
-
-void backward(Activation act, const at::BFloat16* dy, const at::BFloat16* y, at::BFloat16* dz,
+void backward(const Activation& act, const at::BFloat16* dy, const at::BFloat16* saved, float* dz,
               int64_t n) {
-  BIGMODEL_EPILOGUE_SWITCH(act, (backward_low<F>(dy, y, dz, n)))
+  BIGMODEL_EPILOGUE_SWITCH(act, (backward_widen(f, dy, saved, dz, n)))
 }
-void backward(Activation act, const at::Half* dy, const at::Half* y, at::Half* dz, int64_t n) {
-  BIGMODEL_EPILOGUE_SWITCH(act, (backward_low<F>(dy, y, dz, n)))
+void backward(const Activation& act, const at::Half* dy, const at::Half* saved, float* dz, int64_t n) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (backward_widen(f, dy, saved, dz, n)))
+}
+void backward(const Activation& act, const at::BFloat16* dy, const at::BFloat16* saved,
+              at::BFloat16* dz, int64_t n) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (backward_low(f, dy, saved, dz, n)))
+}
+void backward(const Activation& act, const at::Half* dy, const at::Half* saved, at::Half* dz,
+              int64_t n) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (backward_low(f, dy, saved, dz, n)))
 }
 
 #undef BIGMODEL_EPILOGUE_SWITCH
+#undef BIGMODEL_EPILOGUE_CASE
 
 }  // namespace CPU_CAPABILITY
 }  // namespace linear

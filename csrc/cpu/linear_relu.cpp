@@ -1,12 +1,15 @@
-// CPU engine for bigmodel::linear_relu: y = relu(x W^T + b), forward and backward.
+// CPU engine of the linear + activation ops (linear_act.h), and bigmodel::linear_relu on it:
+// y = act(x W^T + b), forward and backward (bigmodel::fused_linear, csrc/cpu/fused_linear.cpp,
+// is the same engine for the other activations).
 //
-// Why it beats F.relu(F.linear(x, W, b)): eager writes the GEMM output to memory, then reads it
-// back and writes a second, freshly allocated tensor for the ReLU (page faults included). Here
-// the activation runs as an epilogue on the GEMM's output while it is in cache, in place, so one
-// output tensor is written once; backward masks grad_output straight into the gradient GEMMs'
-// operand. Where it pays (measured per CPU level, bench/NOTES.md "linear_relu per level") the
-// fp32 GEMMs run on oneDNN instead of MKL. Half and bfloat16 are computed in float and rounded
-// once, unless the CPU has native bfloat16 / half arithmetic and torch's own GEMM is faster.
+// Why it beats act(F.linear(x, W, b)): eager writes the GEMM output to memory, then reads it
+// back and writes a second, freshly allocated tensor for the activation (page faults included).
+// Here the activation runs as an epilogue on the GEMM's output while it is in cache (in place
+// when the backward needs only y), so each output tensor is written once; backward applies act'
+// to grad_output straight into the gradient GEMMs' operand. Where it pays (measured per CPU
+// level, bench/NOTES.md "linear_relu per level") the fp32 GEMMs run on oneDNN instead of MKL.
+// Half and bfloat16 are computed in float and rounded once, unless the CPU has native bfloat16 /
+// half arithmetic and torch's own GEMM is faster.
 //
 // This file holds the GEMMs and the choices; the elementwise epilogue (one per activation,
 // vectorised per CPU level) is linear_epilogue.h.
@@ -17,6 +20,7 @@
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/Utils.h>
+#include <c10/util/FunctionRef.h>
 #include <torch/library.h>
 
 #include <sys/mman.h>
@@ -25,7 +29,7 @@
 #include <cstdlib>
 #include <array>
 
-#include "linear_epilogue.h"
+#include "linear_act.h"
 
 #if AT_MKL_ENABLED()
 // MKL's C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the lowercase
@@ -35,6 +39,23 @@ extern "C" int MKL_Set_Num_Threads_Local(int nt);
 
 namespace bigmodel {
 namespace linear {
+
+void check_inputs(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D (M, K), got shape ", input.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == input.size(1), op,
+              ": weight must be (out_features, ", input.size(1), ") for input of shape ",
+              input.sizes(), ", got shape ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ",
+              weight.scalar_type(), " does not match input dtype ", input.scalar_type());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be (",
+                weight.size(0), ",), got shape ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": bias dtype ",
+                bias->scalar_type(), " does not match input dtype ", input.scalar_type());
+  }
+}
+
 namespace {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -85,8 +106,14 @@ at::Tensor onednn_mm_bt(const at::Tensor& a, const at::Tensor& b,
 // over the full reduction, the tiles spread over the threads: rows first, at least 128 x 128
 // and 32 MFLOP a tile (MKL costs ~5 us a call and packs its operands for each: 4, 8 and 32
 // tiles ran 5%, 6% and 12% slower than one single-threaded call at 1024x784->512), at most 64.
+// `then`, where given, runs on each finished tile (rows r0.., columns c0..) by the thread that
+// computed it: an epilogue there reads the tile from that core's cache, in the same parallel
+// region (one barrier per block instead of two).
+using TileFn = c10::function_ref<void(int64_t r0, int64_t rows, int64_t c0, int64_t cols)>;
+
 void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
-            const std::optional<at::Tensor>& bias, bool accumulate) {
+            const std::optional<at::Tensor>& bias, bool accumulate,
+            std::optional<TileFn> then = std::nullopt) {
   const int64_t R = out.size(0), C = out.size(1);
   if (R == 0 || C == 0) return;
   auto tile = [&](int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
@@ -99,6 +126,7 @@ void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
     } else {
       at::mm_out(o, at_, bt);
     }
+    if (then.has_value()) (*then)(r0, rows, c0, cols);
   };
   const int64_t Kd = a.size(1);
   const int64_t tiles = std::clamp<int64_t>(static_cast<int64_t>(2.0 * R * C * Kd / 32e6), 1, 64);
@@ -211,54 +239,64 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
                                    opts.dtype().toScalarType(), std::nullopt);
 }
 
-void check_inputs(const at::Tensor& input, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(input.dim() == 2, "bigmodel::linear_relu: input must be 2-D (M, K), got shape ",
-              input.sizes());
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == input.size(1),
-              "bigmodel::linear_relu: weight must be (out_features, ", input.size(1),
-              ") for input of shape ", input.sizes(), ", got shape ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(),
-              "bigmodel::linear_relu: weight dtype ", weight.scalar_type(),
-              " does not match input dtype ", input.scalar_type());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                "bigmodel::linear_relu: bias must be (", weight.size(0), ",), got shape ",
-                bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bigmodel::linear_relu: bias dtype ",
-                bias->scalar_type(), " does not match input dtype ", input.scalar_type());
-  }
-}
-
 at::Tensor detached(const at::Tensor& t) { return t.detach(); }
 std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->detach()) : std::nullopt;
+  return t.has_value() && t->defined() ? std::optional<at::Tensor>(t->detach()) : std::nullopt;
 }
 
-// The activation over a row-major block z (rows x N, contiguous) into y (same shape).
-template <typename acc_t>
-void epilogue_into(Activation act, const at::Tensor& z, const at::Tensor& y) {
-  const acc_t* zp = z.data_ptr<acc_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "linear_epilogue", [&] {
-    if constexpr (std::is_same_v<scalar_t, acc_t> ||
-                  (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>)) {
-      epilogue_forward(act, zp, y.data_ptr<scalar_t>(), z.numel());
-    } else {
-      TORCH_CHECK(false, "bigmodel: no epilogue from ", z.scalar_type(), " to ", y.scalar_type());
+// y = act(z) on rows [r0, r0 + rows) and columns [c0, c0 + cols) of row-major blocks of one
+// shape, z the GEMM's output. y is of z's type (possibly z itself), or half / bfloat16 from a
+// float z, and then pre (where defined) receives z rounded once too.
+void epilogue_tile(const Activation& act, const at::Tensor& z, const at::Tensor& y,
+                   const at::Tensor& pre, int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
+  const int64_t ld = z.size(1);
+  // Whole rows are one run: the helpers split it across the threads outside a parallel region.
+  const bool whole_rows = c0 == 0 && cols == ld;
+  const int64_t runs = whole_rows ? 1 : rows, run = whole_rows ? rows * ld : cols;
+  if (z.scalar_type() == y.scalar_type()) {
+    if (act.kind == Activation::kNone && z.data_ptr() == y.data_ptr()) return;  // nothing to do
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "linear_epilogue", [&] {
+      const scalar_t* zp = z.data_ptr<scalar_t>() + r0 * ld + c0;
+      scalar_t* yp = y.data_ptr<scalar_t>() + r0 * ld + c0;
+      for (int64_t i = 0; i < runs; ++i) epilogue_forward(act, zp + i * ld, yp + i * ld, run);
+    });
+    return;
+  }
+  TORCH_CHECK(z.scalar_type() == at::kFloat, "bigmodel: no epilogue from ", z.scalar_type(),
+              " to ", y.scalar_type());
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "linear_epilogue_round", [&] {
+    const float* zp = z.data_ptr<float>() + r0 * ld + c0;
+    scalar_t* yp = y.data_ptr<scalar_t>() + r0 * ld + c0;
+    scalar_t* pp = pre.defined() ? pre.data_ptr<scalar_t>() + r0 * ld + c0 : nullptr;
+    for (int64_t i = 0; i < runs; ++i) {
+      epilogue_forward(act, zp + i * ld, yp + i * ld, pp ? pp + i * ld : nullptr, run);
     }
   });
 }
 
-at::Tensor linear_act_forward(Activation act, const at::Tensor& input_, const at::Tensor& weight_,
-                              const std::optional<at::Tensor>& bias_) {
-  check_inputs(input_, weight_, bias_);
+void epilogue_into(const Activation& act, const at::Tensor& z, const at::Tensor& y,
+                   const at::Tensor& pre) {
+  epilogue_tile(act, z, y, pre, 0, z.size(0), 0, z.size(1));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Activation& act,
+                                                      const at::Tensor& input_,
+                                                      const at::Tensor& weight_,
+                                                      const std::optional<at::Tensor>& bias_) {
+  check_inputs(op, input_, weight_, bias_);
   // Kernels run below autograd: the ATen calls inside must not record a graph (and worker
   // threads do not inherit the dispatcher's TLS), so work on detached views.
   const at::Tensor input = detached(input_), weight = detached(weight_);
   const std::optional<at::Tensor> bias = detached(bias_);
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const auto dtype = input.scalar_type();
-  if (M == 0 || N == 0) return empty_output({M, N}, input.options());
+  const bool want_pre = derivative_reads_pre(act);
+  // What the op returns for pre where the backward does not need it.
+  const at::Tensor no_pre = at::empty({0}, input.options());
+  auto new_output = [&] { return empty_output({M, N}, input.options()); };
+  if (M == 0 || N == 0) return {new_output(), want_pre ? new_output() : no_pre};
   const bool low = dtype == at::kBFloat16 || dtype == at::kHalf;
   const bool widen = low && !native_low_precision_gemm(dtype);
   // The GEMM's type: float for half and bfloat16 (converted once here), else the input's.
@@ -268,71 +306,85 @@ at::Tensor linear_act_forward(Activation act, const at::Tensor& input_, const at
       bias.has_value() ? std::optional<at::Tensor>(widened(*bias)) : std::nullopt;
   const auto compute = x.scalar_type();
   if (plan_gemms(compute, M, K, N).fwd) {
-    at::Tensor z = onednn_mm_bt(x, w, b);
-    at::Tensor out = widen ? empty_output({M, N}, input.options()) : z;
-    epilogue_into<float>(act, z, out);
-    return out;
+    const at::Tensor z = onednn_mm_bt(x, w, b);
+    if (widen) {  // rounded once into y (and pre) while each chunk is in cache
+      at::Tensor out = new_output(), pre = want_pre ? new_output() : at::Tensor();
+      epilogue_into(act, z, out, pre);
+      return {out, want_pre ? pre : no_pre};
+    }
+    // fp32: z is pre itself where the backward needs it, else y is computed in place.
+    at::Tensor out = want_pre ? new_output() : z;
+    epilogue_into(act, z, out, at::Tensor());
+    return {out, want_pre ? z : no_pre};
   }
   if (low && !widen && M * N * input.element_size() < kHugePageOutputBytes) {
     // Native half / bfloat16: torch's GEMM into its own output (its out= variant measured 3%
-    // slower: 1.89 vs 1.84 ms at 1024x784->512), then the activation in place, exactly.
-    at::Tensor out = b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "linear_epilogue_low", [&] {
-      epilogue_forward(act, out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), out.numel());
-    });
-    return out;
+    // slower: 1.89 vs 1.84 ms at 1024x784->512), then the activation, in place where pre is
+    // not kept (the GEMM rounded once, the activation rounds once more, as eager's does).
+    const at::Tensor z = b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+    at::Tensor out = want_pre ? at::empty_like(z) : z;
+    epilogue_into(act, z, out, at::Tensor());
+    return {out, want_pre ? z : no_pre};
   }
-  at::Tensor out = empty_output({M, N}, input.options());
+  at::Tensor out = new_output();
+  at::Tensor pre = want_pre ? new_output() : no_pre;
   const at::Tensor wt = w.t();
   const int64_t block = rows_per_block(M, N, x.element_size());
-  // Widened: each block's GEMM writes a float scratch block, which the epilogue rounds into out.
+  // Widened: each block's GEMM writes a float scratch block, which the epilogue rounds into out
+  // (and pre). Otherwise it writes pre's block where pre is kept (y computed from it), else y's.
   at::Tensor scratch = widen ? at::empty({std::min(block, M), N}, x.options()) : at::Tensor();
   for (int64_t r0 = 0; r0 < M; r0 += block) {
     const int64_t rows = std::min(block, M - r0);
     at::Tensor o = out.narrow(0, r0, rows);
-    at::Tensor z = widen ? scratch.narrow(0, 0, rows) : o;
-    const at::Tensor xb = x.narrow(0, r0, rows);
-    mkl_mm(z, xb, wt, b, false);  // the bias fused by BLAS (beta=1)
-    // The activation runs while the block is still in cache: the output goes to memory once.
-    if (compute == at::kDouble) {
-      epilogue_into<double>(act, z, o);
-    } else if (compute == at::kFloat) {
-      epilogue_into<float>(act, z, o);
-    } else {  // native half / bfloat16: the GEMM rounded once, the activation is exact
-      AT_DISPATCH_REDUCED_FLOATING_TYPES(compute, "linear_epilogue_low", [&] {
-        epilogue_forward(act, z.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(), z.numel());
-      });
-    }
+    at::Tensor p = want_pre ? pre.narrow(0, r0, rows) : at::Tensor();
+    at::Tensor z = widen ? scratch.narrow(0, 0, rows) : want_pre ? p : o;
+    // The activation runs on each tile of the block's GEMM as soon as it is computed, while it
+    // is in that core's cache: each output goes to memory once. The bias is fused by BLAS.
+    auto epilogue = [&](int64_t tr, int64_t trows, int64_t tc, int64_t tcols) {
+      epilogue_tile(act, z, o, widen ? p : at::Tensor(), tr, trows, tc, tcols);
+    };
+    const bool nothing_to_do = act.kind == Activation::kNone && z.is_same(o);
+    mkl_mm(z, x.narrow(0, r0, rows), wt, b, false,
+           nothing_to_do ? std::nullopt : std::optional<TileFn>(epilogue));
   }
-  return out;
+  return {out, pre};
 }
 
-// dz rows [r0, r0 + rows) from grad_output and the saved output (the input's dtype) into dz
-// (the compute type; half and bfloat16 widened as they are read, unless dz is theirs too).
-void mask_rows(Activation act, const at::Tensor& grad, const at::Tensor& out, int64_t r0,
-               int64_t rows, const at::Tensor& dz) {
+namespace {
+
+// dz = grad_output * act'(saved), rows [r0, r0 + rows), from grad and the saved tensor (the
+// output or the pre-activation, in the input's dtype) into dz (the compute type; half and
+// bfloat16 widened as they are read, unless dz is theirs too).
+void dz_rows(const Activation& act, const at::Tensor& grad, const at::Tensor& saved, int64_t r0,
+             int64_t rows, const at::Tensor& dz) {
   const int64_t N = grad.size(1);
   const bool same = dz.scalar_type() == grad.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "linear_mask", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "linear_dz", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* g = grad.data_ptr<scalar_t>() + r0 * N;
-    const scalar_t* y = out.data_ptr<scalar_t>() + r0 * N;
+    const scalar_t* s = saved.data_ptr<scalar_t>() + r0 * N;
     if (same) {
-      epilogue_backward(act, g, y, dz.data_ptr<scalar_t>(), rows, N);
+      epilogue_backward(act, g, s, dz.data_ptr<scalar_t>(), rows, N);
     } else {
-      epilogue_backward(act, g, y, dz.data_ptr<acc_t>(), rows, N);
+      epilogue_backward(act, g, s, dz.data_ptr<acc_t>(), rows, N);
     }
   });
 }
 
-// Backward in the compute type (float, or double). grad and out: contiguous, in the input's
-// dtype (half and bfloat16 are widened as the mask reads them); input and weight: in the compute
+// Without an activation dz is grad_output itself wherever it is already in the compute type.
+bool dz_is_grad(const Activation& act, const at::Tensor& grad, at::ScalarType compute) {
+  return act.kind == Activation::kNone && grad.scalar_type() == compute;
+}
+
+// Backward in the compute type (float, or double). grad and saved: contiguous, in the input's
+// dtype (half and bfloat16 are widened as dz_rows reads them); input and weight: in the compute
 // type. Returns dx, dw, db (empty when not asked).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
-    Activation act, const at::Tensor& grad, const at::Tensor& out, const at::Tensor& input,
-    const at::Tensor& weight, bool need_dx, bool need_dw, bool need_db) {
+    const Activation& act, const at::Tensor& grad, const at::Tensor& saved,
+    const at::Tensor& input, const at::Tensor& weight, bool need_dx, bool need_dw, bool need_db) {
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const auto opts = input.options();
+  const bool pass_grad = dz_is_grad(act, grad, input.scalar_type());
   // Written by the first block, accumulated by the others (no zero-fill pass; M == 0 is zeros).
   at::Tensor dw = need_dw ? (M ? at::empty({N, K}, opts) : at::zeros({N, K}, opts)) : at::empty({0}, opts);
   at::Tensor db = need_db ? (M ? at::empty({N}, opts) : at::zeros({N}, opts)) : at::empty({0}, opts);
@@ -340,8 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const GemmPlan p = plan_gemms(input.scalar_type(), M, K, N);
   if (p.any()) {
     // Whole-tensor GEMMs (oneDNN has no accumulate-into-output here): dZ once, as eager has it.
-    at::Tensor dz = at::empty({M, N}, opts);
-    mask_rows(act, grad, out, 0, M, dz);
+    at::Tensor dz = pass_grad ? grad : at::empty({M, N}, opts);
+    if (!pass_grad) dz_rows(act, grad, saved, 0, M, dz);
     if (need_dx) {
       if (p.dx) {
         dx = onednn_mm_bt(dz, weight.t());
@@ -360,15 +412,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     if (need_db) at::sum_out(db, dz, 0);
     return {dx, dw, db};
   }
-  // Block by block: mask grad_output into a cache-resident scratch block, then feed it to the dX
+  // Block by block: dz of a block of rows into a cache-resident scratch block, then fed to the dX
   // GEMM, the dW GEMM (accumulated block after block, in order: deterministic) and the db sum.
   if (need_dx) dx = empty_output({M, K}, opts);
   const int64_t block = rows_per_block(M, N, input.element_size());
-  at::Tensor scratch = at::empty({std::min(block, M), N}, opts);
+  at::Tensor scratch = pass_grad ? at::Tensor() : at::empty({std::min(block, M), N}, opts);
   for (int64_t r0 = 0; r0 < M; r0 += block) {
     const int64_t rows = std::min(block, M - r0);
-    at::Tensor dz = scratch.narrow(0, 0, rows);
-    mask_rows(act, grad, out, r0, rows, dz);
+    at::Tensor dz = pass_grad ? grad.narrow(0, r0, rows) : scratch.narrow(0, 0, rows);
+    if (!pass_grad) dz_rows(act, grad, saved, r0, rows, dz);
     if (need_dx) {
       at::Tensor dx_rows = dx.narrow(0, r0, rows);
       mkl_mm(dx_rows, dz, weight, std::nullopt, false);
@@ -380,25 +432,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   return {dx, dw, db};
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
-    Activation act, const char* op, const at::Tensor& grad_output, const at::Tensor& output,
+    const char* op, const Activation& act, const at::Tensor& grad_output, const at::Tensor& saved,
     const at::Tensor& input, const at::Tensor& weight, std::array<bool, 3> output_mask) {
-  check_inputs(input, weight, std::nullopt);
+  check_inputs(op, input, weight, std::nullopt);
   const int64_t M = input.size(0), N = weight.size(0);
-  TORCH_CHECK(grad_output.sizes() == output.sizes() && output.dim() == 2 &&
-                  output.size(0) == M && output.size(1) == N,
-              op, ": grad_output ", grad_output.sizes(), " and output ", output.sizes(),
+  TORCH_CHECK(grad_output.sizes() == saved.sizes() && saved.dim() == 2 &&
+                  saved.size(0) == M && saved.size(1) == N,
+              op, ": grad_output ", grad_output.sizes(), " and output ", saved.sizes(),
               " must both be (", M, ", ", N, ")");
   const auto dtype = input.scalar_type();
   const at::Tensor g = grad_output.detach().to(dtype).contiguous();
-  const at::Tensor y = output.detach().to(dtype).contiguous();
+  const at::Tensor s = saved.detach().to(dtype).contiguous();
   const bool low = dtype == at::kBFloat16 || dtype == at::kHalf;
   if (low && native_low_precision_gemm(dtype)) {
-    // As eager computes it: the masked gradient (exact: a selection of dy) and three GEMMs in
-    // the dtype, each accumulated in float and rounded once by torch's native kernels. Whole
-    // tensors, not blocks: dW accumulated block by block would round between blocks.
-    at::Tensor dz = at::empty_like(g);
-    mask_rows(act, g, y, 0, M, dz);
+    // As eager computes it: dz (rounded once, as eager's activation backward rounds it) and three
+    // GEMMs in the dtype, each accumulated in float and rounded once by torch's native kernels.
+    // Whole tensors, not blocks: dW accumulated block by block would round between blocks.
+    at::Tensor dz = g;
+    if (!dz_is_grad(act, g, dtype)) {
+      dz = at::empty_like(g);
+      dz_rows(act, g, s, 0, M, dz);
+    }
     const at::Tensor x = input.detach(), w = weight.detach();
     const auto opts = input.options();
     return {output_mask[0] ? at::mm(dz, w) : at::empty({0}, opts),
@@ -410,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
   auto prep = [&](const at::Tensor& t) {  // detached: see linear_act_forward
     return (low ? t.detach().to(at::kFloat) : t.detach()).contiguous();
   };
-  auto [dx, dw, db] = backward_impl(act, g, y, prep(input), prep(weight), output_mask[0],
+  auto [dx, dw, db] = backward_impl(act, g, s, prep(input), prep(weight), output_mask[0],
                                     output_mask[1], output_mask[2]);
   if (low) {
     dx = dx.to(dtype);
@@ -420,16 +477,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
   return {dx, dw, db};
 }
 
+namespace {
+
+const Activation kReLU{Activation::kReLU};
+
 at::Tensor linear_relu_forward(const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias) {
-  return linear_act_forward(Activation::kReLU, input, weight, bias);
+  return std::get<0>(linear_act_forward("bigmodel::linear_relu", kReLU, input, weight, bias));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_relu_backward(
     const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
     const at::Tensor& weight, std::array<bool, 3> output_mask) {
-  return linear_act_backward(Activation::kReLU, "bigmodel::linear_relu_backward", grad_output,
-                             output, input, weight, output_mask);
+  return linear_act_backward("bigmodel::linear_relu_backward", kReLU, grad_output, output, input,
+                             weight, output_mask);
 }
 
 }  // namespace
