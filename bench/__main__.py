@@ -29,7 +29,8 @@ from bench.runner import Runner, budget_for, run_all
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = (*linear_relu.OPS, "attention", *end_to_end.OPS)
-ALIASES = {"e2e": ("mlp_step", "transformer_step", "gan_step"), "all": OPS}
+ALIASES = {"e2e": end_to_end.OPS, "fused_linear": tuple(o for o in linear_relu.OPS if o != "linear_relu"),
+           "all": OPS}
 # --quick promises under 5 minutes on a 2-core CPU and under 4 on an H200, and the full sweep
 # under 25 minutes on a 2-core CPU without AVX-512: no case starts after these many seconds
 # (the cases most worth having run first). The full GPU sweep has no limit.
@@ -53,7 +54,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default="all",
-                   help=f"comma list of {', '.join(OPS)}; 'e2e' = the three training steps (default: all)")
+                   help=f"comma list of {', '.join(OPS)}; 'e2e' = the training steps, 'fused_linear' = the "
+                        "linear + activation rows other than linear_relu (default: all)")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of fwd, bwd, fwd+bwd (default: all)")
     p.add_argument("--dtypes", default=None,
                    help="comma list of fp32, fp16, bf16 (default: bf16,fp16,fp32 on GPU and fp32,bf16 on "

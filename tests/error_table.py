@@ -14,7 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXCEPTIONS = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError,
               "AssertionError": AssertionError, "ExtensionNotBuilt": ExtensionNotBuilt}
 # id prefix -> the test file that triggers those rows.
-OWNERS = {"lr": "test_linear_relu.py", "flr": "test_linear_relu.py", "sdpa": "test_attention.py",
+OWNERS = {"lr": "test_linear_relu.py", "flr": "test_linear_relu.py", "fl": "test_fused_linear.py",
+          "sdpa": "test_attention.py",
           "mha": "test_multihead_attention.py", "backend": "test_backend.py",
           "optimize": "test_optimize.py"}
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import bigmodel
 from bigmodel.reference import ref_fused_linear
+from error_table import check_row, rows_of
 from paths import PATHS, on
 from peers import assert_fused_linear_matches
 
@@ -118,20 +119,26 @@ def test_torch_compile_fullgraph_and_autocast(act):
     assert y.dtype == ref.dtype == torch.bfloat16
 
 
-def test_bad_arguments_raise_clear_errors():
-    x, w = torch.randn(3, 4), torch.randn(5, 4)
-    with pytest.raises(ValueError, match="activation must be one of"):
-        bigmodel.fused_linear(x, w, None, "swish")
-    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
-        bigmodel.fused_linear(x, w, None, "gelu", approximate="erf")
-    with pytest.raises(TypeError, match="negative_slope must be a float"):
-        bigmodel.fused_linear(x, w, None, "leaky_relu", "0.1")
-    with pytest.raises(ValueError, match=r"bigmodel.fused_linear: input's last dimension \(4\)"):
-        bigmodel.fused_linear(x, torch.randn(5, 6), None, "gelu")
-    with pytest.raises(ValueError, match="unknown activation 'swish'"):
-        torch.ops.bigmodel.fused_linear(x, w, None, "swish", 0.0)
-    with pytest.raises(ValueError, match="activation must be one of"):
-        bigmodel.nn.FusedLinear(4, 5, activation="swish")
+_X, _W = torch.randn(3, 4), torch.randn(5, 4)
+FL = bigmodel.fused_linear
+ERROR_CASES = {  # docs/errors.md's fl- rows: (call, the argument the message names, needs CUDA)
+    "fl-activation": (lambda mp: FL(_X, _W, None, "swish"), "activation", False),
+    "fl-approximate": (lambda mp: FL(_X, _W, None, "gelu", approximate="erf"), "approximate", False),
+    "fl-slope-type": (lambda mp: FL(_X, _W, None, "leaky_relu", "0.1"), "negative_slope", False),
+    "fl-in-features": (lambda mp: FL(_X, torch.randn(5, 6), None, "gelu"), "input", False),
+    "fl-dtype": (lambda mp: FL(_X, _W, torch.randn(5, dtype=torch.float64), "silu"), "bias", False),
+    "fl-op-activation": (lambda mp: torch.ops.bigmodel.fused_linear(_X, _W, None, "swish", 0.0), "swish", False),
+    "fl-module-activation": (lambda mp: bigmodel.nn.FusedLinear(4, 5, activation="swish"), "activation", False),
+}
+
+
+def test_error_rows_are_all_covered():
+    assert set(ERROR_CASES) == set(rows_of("fl"))
+
+
+@pytest.mark.parametrize("ident", sorted(ERROR_CASES))
+def test_error_row(ident, monkeypatch):
+    check_row(ident, ERROR_CASES[ident], monkeypatch)
 
 
 class TestFusedLinear:
