@@ -129,7 +129,12 @@ void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
     if (then.has_value()) (*then)(r0, rows, c0, cols);
   };
   const int64_t Kd = a.size(1);
-  const int64_t tiles = std::clamp<int64_t>(static_cast<int64_t>(2.0 * R * C * Kd / 32e6), 1, 64);
+  const double flops = 2.0 * R * C * Kd;
+  int64_t tiles = std::clamp<int64_t>(static_cast<int64_t>(flops / 32e6), 1, 64);
+  // Below 128 MFLOP that gives fewer tiles than cores (one tile: one core, 0.5x eager's
+  // multithreaded call at 64x784->512 on 2 cores): from 4 MFLOP (~40 us on one core, 8x a
+  // call's overhead) at least 4 tiles, still a count fixed by the shape.
+  if (flops >= 4e6) tiles = std::max<int64_t>(tiles, 4);
   const int64_t rt = std::clamp<int64_t>(tiles, 1, (R + 127) / 128);
   const int64_t ct = std::clamp<int64_t>(tiles / rt, 1, (C + 127) / 128);
   const int64_t rows = round_up((R + rt - 1) / rt, 8), cols = round_up((C + ct - 1) / ct, 16);
@@ -317,10 +322,14 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
     epilogue_into(act, z, out, at::Tensor());
     return {out, want_pre ? z : no_pre};
   }
-  if (low && !widen && M * N * input.element_size() < kHugePageOutputBytes) {
-    // Native half / bfloat16: torch's GEMM into its own output (its out= variant measured 3%
-    // slower: 1.89 vs 1.84 ms at 1024x784->512), then the activation, in place where pre is
-    // not kept (the GEMM rounded once, the activation rounds once more, as eager's does).
+  if (!widen && M * N * input.element_size() < kHugePageOutputBytes) {
+    // torch's own GEMM call, as eager F.linear makes it (one multithreaded MKL call, or native
+    // half / bfloat16), into its own output (its out= variant measured 3% slower: 1.89 vs 1.84
+    // ms at 1024x784->512), then the activation, in place where pre is not kept: eager's
+    // GEMM without its second pass and second tensor. Where oneDNN does not beat MKL, the fixed
+    // grid of single-threaded MKL tiles below ran 0.84-0.95x this call on 2 cores (M = 64-1024;
+    // bench/NOTES.md, "linear_relu per level"), so the grid is kept for outputs of 32 MB and
+    // more (huge pages) and for widened half / bfloat16 (converted block by block).
     const at::Tensor z = b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
     at::Tensor out = want_pre ? at::empty_like(z) : z;
     epilogue_into(act, z, out, at::Tensor());
@@ -411,6 +420,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     }
     if (need_db) at::sum_out(db, dz, 0);
     return {dx, dw, db};
+  }
+  if (M * std::max(N, K) * input.element_size() < kHugePageOutputBytes) {
+    // As eager: dz once, then torch's own GEMM calls (see linear_act_forward for why).
+    const at::Tensor dz = pass_grad ? grad : at::empty({M, N}, opts);
+    if (!pass_grad) dz_rows(act, grad, saved, 0, M, dz);
+    return {need_dx ? at::mm(dz, weight) : dx, need_dw ? at::mm(dz.t(), input) : dw,
+            need_db ? dz.sum(0) : db};
   }
   // Block by block: dz of a block of rows into a cache-resident scratch block, then fed to the dX
   // GEMM, the dW GEMM (accumulated block after block, in order: deterministic) and the db sum.
