@@ -218,9 +218,10 @@ def test_fp32_without_onednn_takes_the_blocked_path():
 # bfloat16 computed in float and rounded once. tests/test_cpu_levels.py runs them again at
 # every CPU level below the machine's own.
 
-# (M, K, N), one per GEMM plan of csrc/cpu/linear_relu.cpp at the AVX2 and AVX512 levels: oneDNN
-# for all three products; a small K (dW on MKL); N = 10 (MKL's small-output dW, chunked, and a
-# dZ small enough for oneDNN at AVX512); a product below oneDNN's threshold (all MKL).
+# (M, K, N) across the plans of csrc/cpu/linear_relu.cpp's plan_gemms at AVX2 and AVX512: all
+# three products on oneDNN (AVX512, K >= 512); a small K (dW on the MKL grid); N = 10 (oneDNN's
+# narrow forward at AVX2 too); M >= 2048 (oneDNN at AVX2); a product below oneDNN's threshold
+# (torch's own MKL call).
 PLAN_SHAPES = [(1024, 784, 512), (300, 100, 256), (4096, 256, 10), (1100, 784, 10), (64, 40, 12)]
 
 
@@ -253,12 +254,14 @@ def _with_threads(n, fn):
 
 
 def _own_plan(M, K, N):
-    # Mirrors plan_gemms: oneDNN for every product at AVX512 from 2 MFLOP (dW too: K >= 512 or
-    # a dZ of at most 1 MB); the blocked MKL grid for tensors of 32 MB and more at every level.
-    blocked = M * max(N, K) * 4 >= 32 << 20
-    onednn = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and 2 * M * N * K >= 2e6 \
-        and M <= 4096 and (K >= 512 or M * N * 4 <= 1 << 20)
-    return blocked or onednn
+    # Mirrors plan_gemms: the forward on oneDNN (AVX512 from 2 MFLOP; AVX2 from 4 MFLOP with
+    # M >= 2048 or N <= 16), whose backward then runs on oneDNN or the fixed grid of MKL tiles;
+    # or tensors of 32 MB and more (the grid at every level).
+    level = torch.backends.cpu.get_cpu_capability()
+    flops = 2 * M * N * K
+    onednn = (level.startswith("AVX512") and flops >= 2e6) or \
+        (level == "AVX2" and flops >= 4e6 and (M >= 2048 or N <= 16))
+    return M * max(N, K) * 4 >= 32 << 20 or (onednn and M * N * 4 < 32 << 20)
 
 
 @pytest.mark.parametrize("shape", PLAN_SHAPES + [pytest.param((65536, 128, 128), id="blocked-32MB")], ids=str)

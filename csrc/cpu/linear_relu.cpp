@@ -156,10 +156,10 @@ void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
 // Which library runs each fp32 GEMM, per CPU level (bench/NOTES.md, "linear_relu per level";
 // torch's own F.linear is MKL at every level). Measured per GEMM, 1 thread, CPU time:
 //  * DEFAULT: MKL. oneDNN's pre-AVX2 kernels ran at 0.33-0.64x of MKL's sgemm.
-//  * AVX512: oneDNN from 2 MFLOP: 1.2-2.5x MKL on this EPYC (MKL runs its AVX2 code on AMD).
+//  * AVX512: oneDNN from 2 MFLOP: 1.1-2.5x MKL on this EPYC (MKL runs its AVX2 code on AMD).
 //    Below, oneDNN's fixed cost per call (~12 us) loses: 256x256->10 dX, dW 0.82-0.91x,
 //    64x256->10 0.34-0.58x.
-//  * AVX2: oneDNN from 4 MFLOP, 1.0-1.3x MKL (256x256->10: 0.65-0.97x).
+//  * AVX2: oneDNN from 4 MFLOP and only for M >= 2048 or N <= 16 (see plan_gemms).
 //  * dW = dZ^T X: oneDNN reads dZ^T through a reorder, a fresh copy of dZ (in the Transformer
 //    step's 2048x256->1024 FFN: 4.2 ms of copy + 13.8 ms of GEMM against MKL's 10.6 ms at AVX2,
 //    6.8 + 14.7 ms against 16.9 ms at AVX512), so it pays only where the GEMM is long against
@@ -177,9 +177,18 @@ struct GemmPlan {
 
 constexpr int64_t kOnednnGradWeightMaxRows = 4096;
 constexpr int64_t kOnednnGradWeightMinK = 512;
-constexpr int64_t kCachedGradBytes = int64_t(1) << 20;
+constexpr int64_t kOnednnGradWeightMinNK = 512 * 512;
+constexpr int64_t kAvx2OnednnMinRows = 2048;
+constexpr int64_t kAvx2OnednnNarrowN = 16;
 constexpr int64_t kHugePageOutputBytes = int64_t(32) << 20;
 
+// Measured 2026-12-02, each GEMM alone, 1 thread, process CPU time (immune to the shared
+// machine's stolen time), MKL time / oneDNN time on 14 shapes from 64x784->512 to 4096x784->512
+// (bench/NOTES.md, "Per CPU level"):
+//  * AVX512: fwd and dX 1.08-1.59 from 5 MFLOP (256x100->256, 13 MFLOP: 0.98-1.01, a tie);
+//    dW 1.01-1.19 where K >= 512 and N*K >= 512^2, else 0.82-1.01 (K = 100-256, or N = 256).
+//  * AVX2: fwd 0.69-0.99 and dX 0.83-1.05 for M <= 1024, 1.03-1.18 from M = 2048; a narrow
+//    output (N = 10) 1.60 fwd, 1.10 dX; dW 0.61-1.00 everywhere, so never oneDNN.
 GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   GemmPlan p;
   const CpuLevel level = cpu_level();
@@ -188,10 +197,11 @@ GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   if (M == 0 || N == 0 || K == 0 || 2.0 * M * N * K < (avx512 ? 2e6 : 4e6)) return p;
   const int64_t elt = 4;
   const bool small = M * std::max(N, K) * elt < kHugePageOutputBytes;
-  p.fwd = M * N * elt < kHugePageOutputBytes;
-  p.dx = small;
-  p.dw = small && M <= kOnednnGradWeightMaxRows &&
-         (K >= kOnednnGradWeightMinK || (avx512 && M * N * elt <= kCachedGradBytes));
+  const bool onednn_rows = avx512 || M >= kAvx2OnednnMinRows;
+  p.fwd = M * N * elt < kHugePageOutputBytes && (onednn_rows || N <= kAvx2OnednnNarrowN);
+  p.dx = small && (onednn_rows || N <= kAvx2OnednnNarrowN);
+  p.dw = avx512 && small && M <= kOnednnGradWeightMaxRows && K >= kOnednnGradWeightMinK &&
+         N * K >= kOnednnGradWeightMinNK;
   return p;
 }
 
