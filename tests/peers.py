@@ -142,11 +142,12 @@ def assert_attention_matches(out, q, k, v, grad=None, grads=None, what="", **kwa
         assert_grads_match(grads, peer_grads, grads64, ["dq", "dk", "dv"], what, accumulated=acc_grads)
 
 
-def fused_linear_truth_and_peer(x, w, b, grad, y, activation, negative_slope=0.01, approximate="none"):
+def fused_linear_truth_and_peer(x, w, b, grad, y, activation, negative_slope=0.01, approximate="none", pre=None):
     """((out64, grads64), (out_peer, grads_peer)) for bigmodel.fused_linear's output ``y``: the
     truth in float64, the peer torch's eager act(F.linear) in the inputs' dtype (its backward by
     autograd, as eager runs it). Where the derivative jumps (ReLU, LeakyReLU at 0) both take the
-    branch from ``y``, for the reason linear_relu_grads gives."""
+    branch the op took, for the reason linear_relu_grads gives: from ``y``, or for a negative
+    slope (where y > 0 on both sides) from the op's own pre-activation ``pre`` when given."""
     kink = activation in ("relu", "leaky_relu")
     slope = 0.0 if activation == "relu" else negative_slope
 
@@ -166,7 +167,10 @@ def fused_linear_truth_and_peer(x, w, b, grad, y, activation, negative_slope=0.0
             return out.detach(), tuple(got[:3])
         n, k = w.shape
         m = math.prod(x.shape[:-1])
-        positive = ~(y.detach() <= 0) if slope >= 0 else F.linear(*leaves).detach() > 0
+        if slope >= 0:
+            positive = ~(y.detach() <= 0)
+        else:  # a |z| below the sum's rounding error can take either side: take the op's
+            positive = (pre if pre is not None else F.linear(*leaves)).detach().reshape(y.shape) > 0
         g = grad.detach().to(dtype)
         dz = torch.where(positive, g, g * slope).reshape(m, n)  # slope as a Python float: no fp32 rounding
         xs, ws = leaves[0].detach().reshape(m, k), leaves[1].detach()
@@ -176,11 +180,12 @@ def fused_linear_truth_and_peer(x, w, b, grad, y, activation, negative_slope=0.0
 
 
 def assert_fused_linear_matches(y, x, w, b, activation, negative_slope=0.01, approximate="none", grad=None,
-                                grads=None, what=""):
+                                grads=None, what="", pre=None):
     """The house rule for bigmodel.fused_linear's output and, when given, its gradients
-    ``grads`` = {'x' | 'w' | 'b': tensor} for the upstream gradient ``grad``."""
+    ``grads`` = {'x' | 'w' | 'b': tensor} for the upstream gradient ``grad``; ``pre``: the op's
+    pre-activation, which fixes the branch of LeakyReLU with a negative slope at z = 0."""
     (out64, grads64), (peer, peer_grads) = fused_linear_truth_and_peer(
-        x, w, b, y if grad is None else grad, y, activation, negative_slope, approximate)
+        x, w, b, y if grad is None else grad, y, activation, negative_slope, approximate, pre)
     assert y.shape == out64.shape and y.dtype == x.dtype, f"{what}: {tuple(y.shape)} {y.dtype}"
     assert_matches(y, peer, out64, FORWARD, f"{what} forward")
     if grads:

@@ -11,6 +11,7 @@ from bigmodel.reference import ref_fused_linear
 from error_table import check_row, rows_of
 from paths import PATHS, on
 from peers import assert_fused_linear_matches
+from tolerances import FORWARD, assert_matches
 
 # (activation, negative_slope, approximate): every activation, GELU both ways, LeakyReLU with a
 # negative slope too (its backward then needs the pre-activation).
@@ -29,6 +30,19 @@ def _inputs(m, k, n, dtype, bias=True):
     return x, w, b
 
 
+def _pre_activation(path, x, w, b, slope):
+    """The z the op saved for LeakyReLU with a negative slope (its backward branches on z > 0),
+    or None: the truth takes the same branch at |z| below the GEMM's rounding error."""
+    if slope >= 0:
+        return None
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    bias = None if b is None else b.detach()
+    if path == "reference":
+        return torch.nn.functional.linear(x2, w.detach(), bias)
+    with on(path):
+        return torch.ops.bigmodel.fused_linear(x2, w.detach(), bias, "leaky_relu", slope)[1]
+
+
 def _check(path, x, w, b, act, what=""):
     name, slope, approx = act
     with on(path):
@@ -36,7 +50,12 @@ def _check(path, x, w, b, act, what=""):
         grad = torch.randn_like(y)
         leaves = {n: t for n, t in zip("xwb", (x, w, b)) if t is not None and t.requires_grad}
         grads = dict(zip(leaves, torch.autograd.grad(y, list(leaves.values()), grad)))
-    assert_fused_linear_matches(y, x, w, b, name, slope, approx, grad, grads, f"{path} {name} {what}")
+    pre = _pre_activation(path, x, w, b, slope) if name == "leaky_relu" else None
+    if pre is not None:  # the branch's source is itself checked against float64
+        x2, bias = x.detach().reshape(-1, x.shape[-1]), None if b is None else b.detach()
+        z64 = F.linear(x2.double(), w.detach().double(), None if bias is None else bias.double())
+        assert_matches(pre, F.linear(x2, w.detach(), bias), z64, FORWARD, f"{path} {what} pre")
+    assert_fused_linear_matches(y, x, w, b, name, slope, approx, grad, grads, f"{path} {name} {what}", pre)
     return y
 
 
