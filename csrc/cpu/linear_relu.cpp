@@ -404,11 +404,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const auto opts = input.options();
   const bool pass_grad = dz_is_grad(act, grad, input.scalar_type());
+  const GemmPlan p = plan_gemms(input.scalar_type(), M, K, N);
+  if (!p.any() && M * std::max(N, K) * input.element_size() < kHugePageOutputBytes) {
+    // As eager: dz once, then torch's own GEMM calls (see linear_act_forward for why).
+    const at::Tensor dz = pass_grad ? grad : at::empty({M, N}, opts);
+    if (!pass_grad) dz_rows(act, grad, saved, 0, M, dz);
+    const at::Tensor none = at::empty({0}, opts);
+    return {need_dx ? at::mm(dz, weight) : none, need_dw ? at::mm(dz.t(), input) : at::empty({0}, opts),
+            need_db ? dz.sum(0) : at::empty({0}, opts)};
+  }
   // Written by the first block, accumulated by the others (no zero-fill pass; M == 0 is zeros).
   at::Tensor dw = need_dw ? (M ? at::empty({N, K}, opts) : at::zeros({N, K}, opts)) : at::empty({0}, opts);
   at::Tensor db = need_db ? (M ? at::empty({N}, opts) : at::zeros({N}, opts)) : at::empty({0}, opts);
   at::Tensor dx = at::empty({0}, opts);
-  const GemmPlan p = plan_gemms(input.scalar_type(), M, K, N);
   if (p.any()) {
     // Whole-tensor GEMMs (oneDNN has no accumulate-into-output here): dZ once, as eager has it.
     at::Tensor dz = pass_grad ? grad : at::empty({M, N}, opts);
@@ -430,13 +438,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     }
     if (need_db) at::sum_out(db, dz, 0);
     return {dx, dw, db};
-  }
-  if (M * std::max(N, K) * input.element_size() < kHugePageOutputBytes) {
-    // As eager: dz once, then torch's own GEMM calls (see linear_act_forward for why).
-    const at::Tensor dz = pass_grad ? grad : at::empty({M, N}, opts);
-    if (!pass_grad) dz_rows(act, grad, saved, 0, M, dz);
-    return {need_dx ? at::mm(dz, weight) : dx, need_dw ? at::mm(dz.t(), input) : dw,
-            need_db ? dz.sum(0) : db};
   }
   // Block by block: dz of a block of rows into a cache-resident scratch block, then fed to the dX
   // GEMM, the dW GEMM (accumulated block after block, in order: deterministic) and the db sum.
