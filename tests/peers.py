@@ -44,28 +44,79 @@ def _flash_backward(q, k, v, out, grad, attn_mask, is_causal, scale, enable_gqa,
     path, whose softmax backward cancels exactly there, would not be a fair peer."""
     dtype = q.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    qa, ka, va, ga, oa = (t.detach().to(acc) for t in (q, k, v, grad, out))
+    qa, ka, va, ga, p, drop, scale = _flash_terms(q, k, v, grad, attn_mask, is_causal, scale, enable_gqa,
+                                                  dropout_p, keep, acc)
+    oa = out.detach().to(acc)
+    dv = (p * drop).transpose(-2, -1) @ ga
+    ds = p * ((ga @ va.transpose(-2, -1)) * drop - (ga * oa).sum(-1, keepdim=True))
+    dq = ds @ ka * scale
+    dk = ds.transpose(-2, -1) @ qa * scale
+    return tuple(_summed_back(g, like).to(dtype) for g, like in ((dq, q), (dk, k), (dv, v)))
+
+
+def _flash_terms(q, k, v, grad, attn_mask, is_causal, scale, enable_gqa, dropout_p, keep, acc):
+    """(q, k, v, grad, P, dropout factor, scale) in ``acc``, keys and values repeated over the
+    query heads for GQA, P (without dropout) by the reference's own rules: attention over the
+    identity as values."""
+    qa, ka, va, ga = (t.detach().to(acc) for t in (q, k, v, grad))
     heads = qa.shape[-3] if qa.dim() >= 3 else 1
     if enable_gqa and ka.dim() >= 3 and ka.shape[-3] != heads:
         ka, va = (t.repeat_interleave(heads // t.shape[-3], dim=-3) for t in (ka, va))
     mask = attn_mask.to(acc) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
-    # P (without dropout) by the reference's own rules: attention over the identity as values.
     S = ka.shape[-2]
     eye = torch.eye(S, dtype=acc).expand(*ka.shape[:-2], S, S)
     p = ref_attention(qa, ka, eye, mask, 0.0, is_causal, scale)
     scale = 1.0 / math.sqrt(qa.shape[-1]) if scale is None else scale
     drop = keep.to(acc) / (1.0 - dropout_p) if keep is not None else 1.0
-    dv = (p * drop).transpose(-2, -1) @ ga
+    return qa, ka, va, ga, p, drop, scale
+
+
+def _summed_back(g, like):
+    """A gradient over the broadcast (and GQA-repeated) shape summed back to ``like``'s shape."""
+    if g.dim() >= 3 and like.dim() >= 3 and g.shape[-3] != like.shape[-3] and like.shape[-3] != 1:
+        g = g.unflatten(-3, (like.shape[-3], g.shape[-3] // like.shape[-3])).sum(-3)
+    return g.sum_to_size(like.shape)
+
+
+def rounded_operand_floors(q, k, v, grad, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+                           dropout_p=0.0, dropout_keep=None):
+    """((rms, max) for the output, [(rms, max) for dq, dk, dv]): the error a FlashAttention kernel
+    makes by design in fp16/bf16, where P (forward, dV) and dS (dQ, dK) are rounded to the inputs'
+    dtype as the operands of a tensor-core product (kernels/attention.py, as FlashAttention and
+    torch's CUDA flash kernel do; torch's CPU peer keeps them in fp32). None for fp32/fp64.
+
+    Each rounding is off by at most eps/2 relative, uniformly and independently per term, an RMS
+    of at most eps / (2 sqrt 3); so an output sum_j p_j v_j is off by a random walk of RMS at most
+    eps / (2 sqrt 3) * sqrt(sum_j p_j^2 v_j^2), and the RMS of that over the outputs is the
+    expected RMS error (tolerances.check joins it to torch's in quadrature). Over n outputs that
+    estimate is noisy as 1/sqrt(n), so it is never below the largest error / sqrt(n), as the
+    floors are. The largest error is bounded by 2 eps * the largest walk: the hard bound
+    eps/2 * sum_j |p_j v_j| up to 16 terms, ~7 standard deviations beyond. At S keys with random
+    values the walk is about the output's own RMS, so this adds about a third of an ulp: a 1%
+    error stays visible in fp16 (10 ulps); in bf16 1% is 1.3 ulps, within twice what any kernel
+    that rounds P to bf16 makes (torch's CUDA flash kernel included), so 2% is the bf16 bound.
+    Where an output cancels, the walk stays at the size of the terms: an fp16 row of 6 keys whose
+    output cancelled to 0.034 came out 10 of its ulps off from this rounding alone."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return None, None
+    eps = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[q.dtype]
+    qa, ka, va, ga, p, drop, scale = _flash_terms(q, k, v, grad, attn_mask, is_causal, scale, enable_gqa,
+                                                  dropout_p, dropout_keep, torch.float64)
+    pd = p * drop
+    out_walk = (pd.square() @ va.square()).sqrt()
+    oa = pd @ va
     ds = p * ((ga @ va.transpose(-2, -1)) * drop - (ga * oa).sum(-1, keepdim=True))
-    dq = ds @ ka * scale
-    dk = ds.transpose(-2, -1) @ qa * scale
+    walks = [(ds.square() @ ka.square()) * scale**2, (ds.square().transpose(-2, -1) @ qa.square()) * scale**2,
+             pd.square().transpose(-2, -1) @ ga.square()]
+    walks = [_summed_back(w, like).sqrt() for w, like in zip(walks, (q, k, v))]
 
-    def back_to(g, like):
-        if g.dim() >= 3 and like.dim() >= 3 and g.shape[-3] != like.shape[-3] and like.shape[-3] != 1:
-            g = g.unflatten(-3, (like.shape[-3], g.shape[-3] // like.shape[-3])).sum(-3)
-        return g.sum_to_size(like.shape).to(dtype)
+    def floors(walk):
+        if not walk.numel():
+            return 0.0, 0.0
+        largest = 2 * eps * magnitude(walk)
+        return max(eps / (2 * math.sqrt(3)) * rms(walk), largest / math.sqrt(walk.numel())), largest
 
-    return back_to(dq, q), back_to(dk, k), back_to(dv, v)
+    return floors(out_walk), [floors(w) for w in walks]
 
 
 def attention_truth_and_peer(q, k, v, grad, attn_mask=None, is_causal=False, scale=None,
@@ -128,18 +179,24 @@ def _arithmetic_scales(out64, grads64, q, k, v, grad, attn_mask, scale, enable_g
     return out, grads
 
 
-def assert_attention_matches(out, q, k, v, grad=None, grads=None, what="", **kwargs):
+def assert_attention_matches(out, q, k, v, grad=None, grads=None, what="", rounds_operands=None, **kwargs):
     """The house rule for bigmodel.scaled_dot_product_attention's output ``out`` (and, when given,
-    its (dq, dk, dv) ``grads`` for the upstream gradient ``grad``); ``kwargs`` are SDPA's."""
+    its (dq, dk, dv) ``grads`` for the upstream gradient ``grad``); ``kwargs`` are SDPA's.
+    ``rounds_operands``: the path rounds P and dS to a 16-bit input dtype for its products (the
+    Triton kernels, which CUDA tensors run; True for those by default): the floors then hold that
+    rounding's error (rounded_operand_floors)."""
+    rounds_operands = q.is_cuda if rounds_operands is None else rounds_operands
     upstream = torch.randn_like(out) if grad is None else grad
     (out64, grads64), (peer, peer_grads) = attention_truth_and_peer(q, k, v, upstream, **kwargs)
     assert out.shape == out64.shape and out.dtype == q.dtype, f"{what}: {tuple(out.shape)} {out.dtype}"
     acc_out, acc_grads = _arithmetic_scales(out64, grads64 if grads is not None else None, q, k, v, upstream,
                                             kwargs.get("attn_mask"), kwargs.get("scale"),
                                             kwargs.get("enable_gqa", False))
-    assert_matches(out, peer, out64, FORWARD, f"{what} output", accumulated=acc_out)
+    rounded_out, rounded_grads = rounded_operand_floors(q, k, v, upstream, **kwargs) if rounds_operands else (None, None)
+    assert_matches(out, peer, out64, FORWARD, f"{what} output", accumulated=acc_out, rounded=rounded_out)
     if grads is not None:
-        assert_grads_match(grads, peer_grads, grads64, ["dq", "dk", "dv"], what, accumulated=acc_grads)
+        assert_grads_match(grads, peer_grads, grads64, ["dq", "dk", "dv"], what, accumulated=acc_grads,
+                           rounded=rounded_grads)
 
 
 def fused_linear_truth_and_peer(x, w, b, grad, y, activation, negative_slope=0.01, approximate="none", pre=None):

@@ -3,13 +3,14 @@
 Each case computes bigmodel's real output (and gradients), checks that the house rule accepts it,
 then plants one error the review found the old tolerances let through and checks that the rule
 rejects it: 1% in fp16/bf16 at large K and at long key lengths, 1e-4 in fp32, a dropped last K
-tile, a wrong bias broadcast, and 2% / 1% in a gradient.
+tile, a wrong bias broadcast, and 2% / 1% in a gradient; 1% in attention's output and in each
+gradient also with the floors of the Triton kernels' rounded operands (P and dS in fp16/bf16).
 """
 import pytest
 import torch
 
 import bigmodel
-from peers import attention_truth_and_peer, fused_linear_truth_and_peer
+from peers import attention_truth_and_peer, fused_linear_truth_and_peer, rounded_operand_floors
 from tolerances import FORWARD, GRADIENT, check
 
 LOW = [torch.float16, torch.bfloat16]
@@ -35,7 +36,8 @@ def _attention(dtype, L=64, S=512, E=64):
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     (out64, grads64), (peer, peer_grads) = attention_truth_and_peer(q, k, v, grad)
-    return dict(y=out.detach(), grads=grads, out64=out64, grads64=grads64, peer=peer, peer_grads=peer_grads)
+    return dict(y=out.detach(), grads=grads, out64=out64, grads64=grads64, peer=peer, peer_grads=peer_grads,
+                qkv=(q, k, v), grad=grad)
 
 
 def _accepts(case, y):
@@ -90,3 +92,22 @@ def test_an_error_in_one_gradient_is_rejected(make, dtype, error):
         grads = list(case["grads"])
         grads[i] = (grads[i].double() * (1 + error)).to(dtype)
         assert check(grads[i], case["peer_grads"][i], case["grads64"][i], GRADIENT), f"gradient {i}"
+
+
+@pytest.mark.parametrize("dtype,error", [(torch.float16, 0.01), (torch.bfloat16, 0.02)], ids=str)
+def test_an_error_is_rejected_with_the_rounded_operand_floors(dtype, error):
+    """The Triton kernels' allowance for P and dS rounded to fp16/bf16 (the tensor-core products'
+    operands) accepts that rounding and still rejects 1% (fp16) / 2% (bf16: see
+    peers.rounded_operand_floors) at 512 keys, in the output and in each gradient."""
+    case = _attention(dtype)
+    rounded_out, rounded_grads = rounded_operand_floors(*case["qkv"], case["grad"])
+    planted = (case["y"].double() * (1 + error)).to(dtype)
+    assert check(planted, case["peer"], case["out64"], FORWARD, "planted", rounded=rounded_out)
+    for i in range(3):
+        g = (case["grads"][i].double() * (1 + error)).to(dtype)
+        assert check(g, case["peer_grads"][i], case["grads64"][i], GRADIENT, rounded=rounded_grads[i]), i
+    # The rounding itself passes: P rounded to the dtype before P V (in float64), then the output.
+    q64, k64, v64 = (t.detach().double() for t in case["qkv"])
+    p = torch.softmax(q64 @ k64.transpose(-2, -1) / 8, -1)
+    by_design = (p.to(dtype).double() @ v64).to(dtype)
+    assert not check(by_design, case["peer"], case["out64"], FORWARD, rounded=rounded_out)
