@@ -40,8 +40,10 @@ def current():
     name = _override.get()
     if name is not None:
         return name
-    return _check_name(os.environ.get("BIGMODEL_BACKEND", "auto").strip().lower() or "auto",
-                       "BIGMODEL_BACKEND")
+    raw = os.environ.get("BIGMODEL_BACKEND")
+    if raw is None:  # the usual case, without the parsing (every call asks)
+        return "auto"
+    return _check_name(raw.strip().lower() or "auto", "BIGMODEL_BACKEND")
 
 
 @contextlib.contextmanager
@@ -76,6 +78,8 @@ def resolve(device, where, triton_on_cpu=False, cublaslt=False):
     """
     name = current()
     kind = device.type
+    if name == "auto" and kind in ("cpu", "cuda"):
+        return "op"  # the usual case, first
     if name == "reference":
         return "reference"
     if name == "cpp" and (kind != "cpu" or triton_on_cpu):

@@ -253,14 +253,24 @@ def _with_threads(n, fn):
         torch.set_num_threads(old)
 
 
+def _intel_cpu():
+    """Whether the CPU is Intel's, where MKL runs its full-width code and plan_gemms never picks
+    oneDNN (csrc/cpu/cpu_vec.h, mkl_runs_full_width)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.split(":")[-1].strip() == "GenuineIntel" for line in f if line.startswith("vendor_id"))
+    except OSError:
+        return False
+
+
 def _own_plan(M, K, N):
-    # Mirrors plan_gemms: the forward on oneDNN (AVX512 from 2 MFLOP; AVX2 from 4 MFLOP with
-    # M >= 2048 or N <= 16), whose backward then runs on oneDNN or the fixed grid of MKL tiles;
-    # or tensors of 32 MB and more (the grid at every level).
+    # Mirrors plan_gemms: the forward on oneDNN (not on Intel CPUs; elsewhere AVX512 from 2
+    # MFLOP, AVX2 from 4 MFLOP with M >= 2048 or N <= 16), whose backward then runs on oneDNN or
+    # the fixed grid of MKL tiles; or tensors of 32 MB and more (the grid at every level).
     level = torch.backends.cpu.get_cpu_capability()
     flops = 2 * M * N * K
-    onednn = (level.startswith("AVX512") and flops >= 2e6) or \
-        (level == "AVX2" and flops >= 4e6 and (M >= 2048 or N <= 16))
+    onednn = not _intel_cpu() and ((level.startswith("AVX512") and flops >= 2e6) or
+                                   (level == "AVX2" and flops >= 4e6 and (M >= 2048 or N <= 16)))
     return M * max(N, K) * 4 >= 32 << 20 or (onednn and M * N * 4 < 32 << 20)
 
 
@@ -273,6 +283,15 @@ def test_cpp_thread_count_does_not_change_results(shape):
     for n, other in zip((2, 3), results[1:]):
         for name, a, c in zip(("y", "dx", "dw", "db"), results[0], other):
             assert torch.equal(a, c), f"{name} with {n} threads differs from 1 thread at {shape}"
+
+
+def test_cpp_blocked_32mb_matches_float64():
+    """Tensors of 32 MB and more run block by block, and this narrow layer's dW (128 x 128 over
+    65536 rows, one tile) sums its reduction in fixed spans, one partial each (mkl_mm): output
+    and every gradient against float64."""
+    x, w, b, g = _plan_inputs(65536, 128, 128)
+    y, dx, dw, db = _engine_grads(x, w, b, g)
+    assert_linear_relu_matches(y.detach(), x, w, b, g, {"x": dx, "w": dw, "b": db}, "blocked 32 MB")
 
 
 def _half_ulp(ref, dtype):

@@ -76,15 +76,15 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
     if name == "relu":
         return linear_relu(input, weight, bias)
     _check(input, weight, bias, _WHERE)
-    lead = input.shape[:-1]
+    flat = input.dim() == 2
     # M spelled out: reshape(-1, 0) is ambiguous. 2-D input as it is (a reshape costs ~4 us).
-    x = input if input.dim() == 2 else input.reshape(math.prod(lead), input.shape[-1])
+    x = input if flat else input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
     if backend.resolve(x.device, _WHERE, _registry.triton_on_cpu(), cublaslt=True) == "reference":
         out = ref_fused_linear(x, weight, bias, activation, negative_slope, approximate)
     else:
         _registry.require_ops()
-        out = torch.ops.bigmodel.fused_linear(x, weight, bias, name, float(negative_slope))[0]
-    return out if input.dim() == 2 else out.reshape(*lead, weight.shape[0])
+        out = torch.ops.bigmodel.fused_linear.default(x, weight, bias, name, float(negative_slope))[0]
+    return out if flat else out.reshape(*input.shape[:-1], weight.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------

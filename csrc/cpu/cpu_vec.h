@@ -32,6 +32,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+
 // The vector variants are built with GCC's target pragma (no per-file flags needed in setup.py).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define BIGMODEL_CPU_VECTOR_VARIANTS 1
@@ -55,6 +59,24 @@ inline CpuLevel cpu_level() {
     return CpuLevel::kDefault;
   }();
   return level;
+}
+
+// MKL picks its kernels by CPU vendor as well as by instruction set: on Intel it runs the
+// widest code the level allows (MKL_ENABLE_INSTRUCTIONS caps it), elsewhere (AMD) its AVX2 code
+// at every level. Where it runs the full width it is at ~97% of the core's FMA peak (1 thread,
+// AVX-512 Xeon: 160 GFLOP/s at 1024x784->512) and no other library beats it; where it does not,
+// oneDNN's JIT kernels for the level can (bench/NOTES.md, "Per CPU level").
+inline bool mkl_runs_full_width() {
+  static const bool intel = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+    return ebx == 0x756e6547u && edx == 0x49656e69u && ecx == 0x6c65746eu;  // "GenuineIntel"
+#else
+    return false;
+#endif
+  }();
+  return intel;
 }
 
 }  // namespace bigmodel

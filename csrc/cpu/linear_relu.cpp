@@ -140,6 +140,32 @@ void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
   const int64_t rows = round_up((R + rt - 1) / rt, 8), cols = round_up((C + ct - 1) / ct, 16);
   const int64_t nr = (R + rows - 1) / rows, nc = (C + cols - 1) / cols;
 #if AT_MKL_ENABLED()
+  // A small output over a long reduction (dW = dZ^T X of a narrow layer: 128x128 over M = 65536)
+  // is one or two tiles, so one core: then the reduction is cut instead, into a fixed number of
+  // spans of at least kMinSpan, each span's product into its own partial (single-threaded MKL),
+  // the partials summed in span order: still a result fixed by the shape alone. (The blocked
+  // backward of 65536x128->128 ran its dW on one core: 82.8 ms against eager's 38.)
+  constexpr int64_t kMinTiles = 4, kMinSpan = 256;
+  if (nr * nc < kMinTiles && flops >= 4e6 && Kd >= 2 * kMinSpan && !then.has_value() && !bias.has_value()) {
+    const int64_t cap = std::max<int64_t>(2, (int64_t(8) << 20) / (R * C * out.element_size()));
+    const int64_t parts = std::min<int64_t>({tiles, Kd / kMinSpan, cap});  // partials <= ~8 MB
+    const int64_t span = round_up((Kd + parts - 1) / parts, 16);
+    const int64_t n_parts = (Kd + span - 1) / span;
+    at::Tensor partial = at::empty({n_parts, R, C}, out.options());
+    at::parallel_for(0, n_parts, 1, [&](int64_t p0, int64_t p1) {
+      const int previous = MKL_Set_Num_Threads_Local(1);
+      for (int64_t q = p0; q < p1; ++q) {
+        const int64_t k0 = q * span, kn = std::min(span, Kd - k0);
+        at::Tensor into = partial[q];
+        at::mm_out(into, a.narrow(1, k0, kn), b.narrow(0, k0, kn));
+      }
+      MKL_Set_Num_Threads_Local(previous);
+    });
+    // Elementwise, one fixed order per element whatever the threads: (out +) p0 + p1 + ...
+    accumulate ? out.add_(partial[0]) : out.copy_(partial[0]);
+    for (int64_t q = 1; q < n_parts; ++q) out.add_(partial[q]);
+    return;
+  }
   at::parallel_for(0, nr * nc, 1, [&](int64_t t0, int64_t t1) {
     const int previous = MKL_Set_Num_Threads_Local(1);
     for (int64_t t = t0; t < t1; ++t) {
@@ -184,7 +210,10 @@ constexpr int64_t kHugePageOutputBytes = int64_t(32) << 20;
 
 // Measured 2026-12-02, each GEMM alone, 1 thread, process CPU time (immune to the shared
 // machine's stolen time), MKL time / oneDNN time on 14 shapes from 64x784->512 to 4096x784->512
-// (bench/NOTES.md, "Per CPU level"):
+// (bench/NOTES.md, "Per CPU level"). On an Intel CPU MKL runs its full-width code at every level
+// (mkl_runs_full_width) and oneDNN never won (AVX-512 Xeon: fwd 0.89-1.05, dX 0.53-1.03, dW
+// 0.12-0.81; capped to AVX2: fwd 0.86-1.12, dX 0.71-1.13, dW 0.15-0.91), so MKL runs all three.
+// On AMD, where MKL runs its AVX2 code:
 //  * AVX512: fwd and dX 1.08-1.59 from 5 MFLOP (256x100->256, 13 MFLOP: 0.98-1.01, a tie);
 //    dW 1.01-1.19 where K >= 512 and N*K >= 512^2, else 0.82-1.01 (K = 100-256, or N = 256).
 //  * AVX2: fwd 0.69-0.99 and dX 0.83-1.05 for M <= 1024, 1.03-1.18 from M = 2048; a narrow
@@ -193,6 +222,7 @@ GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   GemmPlan p;
   const CpuLevel level = cpu_level();
   if (compute != at::kFloat || level == CpuLevel::kDefault || onednn_linear() == nullptr) return p;
+  if (mkl_runs_full_width()) return p;
   const bool avx512 = level == CpuLevel::kAvx512;
   if (M == 0 || N == 0 || K == 0 || 2.0 * M * N * K < (avx512 ? 2e6 : 4e6)) return p;
   const int64_t elt = 4;
