@@ -292,8 +292,27 @@ std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
 // y = act(z) on rows [r0, r0 + rows) and columns [c0, c0 + cols) of row-major blocks of one
 // shape, z the GEMM's output. y is of z's type (possibly z itself), or half / bfloat16 from a
 // float z, and then pre (where defined) receives z rounded once too.
+// At DEFAULT the transcendental activations are torch's own kernels, in place: there ATen's
+// tanh and sigmoid run MKL's vector math and its GELU / SiLU their own loops, while the engine's
+// DEFAULT epilogue is scalar libm (forward at 16384x256->1024 against eager at DEFAULT: tanh
+// 0.61x, GELU 0.78x, 4096x784->512 0.76x / 0.88x). Same dtype in and out only (no rounding).
+bool aten_epilogue(const Activation& act, const at::Tensor& z, at::Tensor y) {
+  if (cpu_level() != CpuLevel::kDefault || z.scalar_type() != y.scalar_type()) return false;
+  switch (act.kind) {
+    case Activation::kTanh: at::tanh_out(y, z); return true;
+    case Activation::kSigmoid: at::sigmoid_out(y, z); return true;
+    case Activation::kGelu: at::gelu_out(y, z, "none"); return true;
+    case Activation::kGeluTanh: at::gelu_out(y, z, "tanh"); return true;
+    case Activation::kSilu: at::silu_out(y, z); return true;
+    default: return false;
+  }
+}
+
 void epilogue_tile(const Activation& act, const at::Tensor& z, const at::Tensor& y,
                    const at::Tensor& pre, int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
+  if (aten_epilogue(act, z.narrow(0, r0, rows).narrow(1, c0, cols), y.narrow(0, r0, rows).narrow(1, c0, cols))) {
+    return;
+  }
   const int64_t ld = z.size(1);
   // Whole rows are one run: the helpers split it across the threads outside a parallel region.
   const bool whole_rows = c0 == 0 && cols == ld;
