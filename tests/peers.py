@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bigmodel.reference import ref_activation, ref_attention, ref_fused_linear, ref_linear_relu
-from tolerances import FORWARD, assert_grads_match, assert_matches, magnitude, rms
+from tolerances import EPS, FORWARD, assert_grads_match, assert_matches, magnitude, rms
 
 
 def _detached(dtype, *tensors):
@@ -99,7 +99,7 @@ def rounded_operand_floors(q, k, v, grad, attn_mask=None, is_causal=False, scale
     output cancelled to 0.034 came out 10 of its ulps off from this rounding alone."""
     if q.dtype not in (torch.float16, torch.bfloat16):
         return None, None
-    eps = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[q.dtype]
+    eps = EPS[q.dtype]
     qa, ka, va, ga, p, drop, scale = _flash_terms(q, k, v, grad, attn_mask, is_causal, scale, enable_gqa,
                                                   dropout_p, dropout_keep, torch.float64)
     pd = p * drop

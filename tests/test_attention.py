@@ -42,7 +42,7 @@ def check(path, q, k, v, dtype, what="", **kwargs):
         grad = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), grad)
     assert out.dtype == dtype
-    assert_attention_matches(out.detach(), q, k, v, grad, grads, f"{path} {what}", path == "triton", **kwargs)
+    assert_attention_matches(out.detach(), q, k, v, grad, grads, f"{path} {what}", rounds_operands=path == "triton", **kwargs)
     return out.detach(), *grads
 
 
@@ -415,7 +415,7 @@ def test_dropout_matches_reference_with_the_kernels_mask(path, dtype, causal, hk
         out = bigmodel.scaled_dot_product_attention(q, k, v, **kwargs)
         grad = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), grad)
-    assert_attention_matches(out.detach(), q, k, v, grad, grads, f"{path} dropout", path == "triton",
+    assert_attention_matches(out.detach(), q, k, v, grad, grads, f"{path} dropout", rounds_operands=path == "triton",
                              dropout_keep=keep, **kwargs)
 
 
@@ -521,7 +521,7 @@ def test_offsets_past_2_31(path, far, small_footprint):
         g = far_apart(g0, 0, GAP) if out.shape[0] >= 3 else g0
         o = far_apart(out, 0, GAP) if out.shape[0] >= 3 else out
         got = _op_grads(g, q, k, v, o, lse, mask, scale=E ** -0.5)
-    assert_attention_matches(out, q0, k0, v0, g0, got, f"{path} {far}", path == "triton", attn_mask=mask0)
+    assert_attention_matches(out, q0, k0, v0, g0, got, f"{path} {far}", rounds_operands=path == "triton", attn_mask=mask0)
 
 
 def test_cpp_other_instruction_set_builds():

@@ -52,8 +52,9 @@ def _op(q, k, v, grad, mask=None, p=0.0, causal=False, seed=None):
 def _check(ours, q, k, v, grad, dtype, what, mask=None, causal=False, keep=None, p=0.0):
     """The house rule (tests/peers.py) for the op's output and gradients ``ours``."""
     assert ours[0].dtype == dtype
-    assert_attention_matches(ours[0], q, k, v, grad, ours[1:], what, True, attn_mask=mask, is_causal=causal,
-                             scale=1 / math.sqrt(q.shape[-1]), enable_gqa=True, dropout_p=p, dropout_keep=keep)
+    assert_attention_matches(ours[0], q, k, v, grad, ours[1:], what, rounds_operands=True, attn_mask=mask,
+                             is_causal=causal, scale=1 / math.sqrt(q.shape[-1]), enable_gqa=True, dropout_p=p,
+                             dropout_keep=keep)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

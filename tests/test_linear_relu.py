@@ -4,6 +4,7 @@ float64 reference by the house rule (tests/tolerances.py). The tests marked cuda
 (bench/device_check.sh), with Triton and the cuBLASLt backend.
 """
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -253,6 +254,7 @@ def _with_threads(n, fn):
         torch.set_num_threads(old)
 
 
+@functools.lru_cache(maxsize=None)
 def _intel_cpu():
     """Whether the CPU is Intel's, where MKL runs its full-width code and plan_gemms never picks
     oneDNN (csrc/cpu/cpu_vec.h, mkl_runs_full_width)."""

@@ -114,8 +114,10 @@ def check(ours, peer, ref64, factor=FORWARD, what="", scales=None, accumulated=N
         # algorithm would be off by sqrt(theirs^2 + design^2) in RMS, by at most the sum at a maximum.
         bound = factor * (math.hypot(theirs, design_rms) if name == "rms" else theirs + design_max) + floor
         if not mine <= bound:
+            design = (design_rms if name == "rms" else design_max) if rounded is not None else 0.0
+            joined = f" (with the algorithm's own {design:.3g})" if design else ""
             problems.append(f"{what} ({dtype}): {name} error {mine:.3g} > {factor:g} x torch's "
-                            f"{theirs:.3g} + floor {floor:.3g}")
+                            f"{theirs:.3g}{joined} + floor {floor:.3g}")
     return problems
 
 

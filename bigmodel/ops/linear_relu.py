@@ -25,7 +25,7 @@ def _triton():
     return kernels
 
 
-# dtypes each device's kernels take, for _check's fast test.
+# dtypes each device's kernels take (other devices, e.g. meta: the CPU's).
 _RUNS = {"cpu": frozenset(CPU_DTYPES), "cuda": frozenset(CPU_DTYPES) - {torch.float64}}
 
 
@@ -75,7 +75,7 @@ def _check_each(input, weight, bias, where):
     if not input.is_floating_point():
         raise TypeError(f"{where}: expected a floating point input, got {input.dtype}")
     dtype = cast or input.dtype
-    if dtype not in CPU_DTYPES or (dtype == torch.float64 and input.device.type == "cuda"):
+    if dtype not in _RUNS.get(input.device.type, _RUNS["cpu"]):
         raise TypeError(f"{where}: dtype {dtype} is not supported on {input.device.type}")
 
 

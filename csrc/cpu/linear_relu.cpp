@@ -292,15 +292,19 @@ std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
 // At DEFAULT the transcendental activations are torch's own kernels, in place: there ATen's
 // tanh and sigmoid run MKL's vector math and its GELU / SiLU their own loops, while the engine's
 // DEFAULT epilogue is scalar libm (forward at 16384x256->1024 against eager at DEFAULT: tanh
-// 0.61x, GELU 0.78x, 4096x784->512 0.76x / 0.88x). Same dtype in and out only (no rounding);
-// false for an activation it does not cover.
-bool aten_epilogue(const Activation& act, const at::Tensor& z, at::Tensor y) {
+// 0.61x, GELU 0.78x, 4096x784->512 0.76x / 0.88x). Same dtype in and out only (no rounding).
+// On the tile (rows r0.., columns c0..); false, without touching it, where it does not apply.
+bool aten_epilogue(const Activation& act, const at::Tensor& z, const at::Tensor& y, int64_t r0,
+                   int64_t rows, int64_t c0, int64_t cols) {
+  if (cpu_level() != CpuLevel::kDefault || z.scalar_type() != y.scalar_type()) return false;
+  // Views only once it applies: four narrows cost ~1.5 us, a quarter of a small call.
+  auto tile = [&](const at::Tensor& t) { return t.narrow(0, r0, rows).narrow(1, c0, cols); };
   switch (act.kind) {
-    case Activation::kTanh: at::tanh_out(y, z); return true;
-    case Activation::kSigmoid: at::sigmoid_out(y, z); return true;
-    case Activation::kGelu: at::gelu_out(y, z, "none"); return true;
-    case Activation::kGeluTanh: at::gelu_out(y, z, "tanh"); return true;
-    case Activation::kSilu: at::silu_out(y, z); return true;
+    case Activation::kTanh: { at::Tensor out = tile(y); at::tanh_out(out, tile(z)); return true; }
+    case Activation::kSigmoid: { at::Tensor out = tile(y); at::sigmoid_out(out, tile(z)); return true; }
+    case Activation::kGelu: { at::Tensor out = tile(y); at::gelu_out(out, tile(z), "none"); return true; }
+    case Activation::kGeluTanh: { at::Tensor out = tile(y); at::gelu_out(out, tile(z), "tanh"); return true; }
+    case Activation::kSilu: { at::Tensor out = tile(y); at::silu_out(out, tile(z)); return true; }
     default: return false;
   }
 }
@@ -310,13 +314,7 @@ bool aten_epilogue(const Activation& act, const at::Tensor& z, at::Tensor y) {
 // float z, and then pre (where defined) receives z rounded once too.
 void epilogue_tile(const Activation& act, const at::Tensor& z, const at::Tensor& y,
                    const at::Tensor& pre, int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
-  // (Views only where they are used: four narrows cost ~1.5 us, a quarter of a small call.)
-  const bool transcendental = act.kind != Activation::kNone && act.kind != Activation::kReLU &&
-                              act.kind != Activation::kLeakyReLU;
-  if (transcendental && cpu_level() == CpuLevel::kDefault && z.scalar_type() == y.scalar_type() &&
-      aten_epilogue(act, z.narrow(0, r0, rows).narrow(1, c0, cols), y.narrow(0, r0, rows).narrow(1, c0, cols))) {
-    return;
-  }
+  if (aten_epilogue(act, z, y, r0, rows, c0, cols)) return;
   const int64_t ld = z.size(1);
   // Whole rows are one run: the helpers split it across the threads outside a parallel region.
   const bool whole_rows = c0 == 0 && cols == ld;
