@@ -156,9 +156,10 @@ def smoke_cases(device, modes, dtypes):
 
 
 def bf16_scope(args, device, native_bf16):
-    """Which bf16 cases run: 'all'; 'priority' (the forwards of the issues' target shapes: a
-    full CPU run where bf16 is not native, as torch's bf16 there is slow and says little beyond
-    the targets); 'targets' (only the shapes bench.targets names in bf16: --quick on CPU)."""
+    """Which bf16 cases run: 'all'; 'priority' (the forwards of linear_relu's and attention's
+    target shapes: a full CPU run where bf16 is not native, as torch's bf16 there is slow and
+    says little beyond the targets); 'targets' (only the shapes bench.targets names in bf16:
+    --quick on CPU)."""
     if device.type == "cuda" or args.dtypes:
         return "all"
     if args.quick:
@@ -169,7 +170,10 @@ def bf16_scope(args, device, native_bf16):
 def _keep_bf16(case, scope, device):
     if scope == "all" or case.dtype_name != "bf16" or case.op.startswith("ceiling"):
         return True
-    if scope == "priority" and case.priority and case.mode == "fwd":
+    # The other activations' bf16 forwards run linear_relu's bf16 path with another epilogue and
+    # their targets are fp32; at 16384x256->1024 torch's bf16 takes 60-73 s a case without native
+    # bf16 (5.3 of a native AVX2 EPYC's 22 minutes), which the fp32 sweep's largest cases need.
+    if scope == "priority" and case.priority and case.mode == "fwd" and case.op in ("linear_relu", "attention"):
         return True
     return targets.names(case, device.type)
 
@@ -232,8 +236,9 @@ def _level_lines(device, level, native16, scope):
         why = ("native (avx512_bf16 or AMX, not capped)" if native16 else
                "not native at this level (no avx512_bf16/amx_bf16, or capped below AVX512): torch's "
                "bf16 GEMMs are slow here; a provider over its time budget is skipped")
-        scope_note = {"all": "", "priority": "; the bf16 sweep is left out, only the forwards of the "
-                      "issues' target shapes run in bf16 (`--dtypes fp32,bf16` runs it all)",
+        scope_note = {"all": "", "priority": "; the bf16 sweep is left out, only the forwards of "
+                      "linear_relu's and attention's target shapes run in bf16 (`--dtypes "
+                      "fp32,bf16` runs it all)",
                       "targets": "; --quick runs bf16 only at the bf16 target shapes"}[scope]
         lines.append(f"- bf16: {why}{scope_note}")
     return lines

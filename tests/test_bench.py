@@ -254,10 +254,11 @@ def test_bf16_without_native_bf16_keeps_targets_and_says_why(monkeypatch):
     args = bench_main.parse_args(["--device", "cpu"])
     scope = bench_main.bf16_scope(args, cpu, native_bf16=False)
     assert scope == "priority" and bench_main.bf16_scope(args, cpu, True) == "all"
-    cases = bench_main.build_cases(args, cpu, ("linear_relu", "attention"), ("fwd", "bwd"),
-                                   [torch.float32, torch.bfloat16], None, scope)
+    ops = ("linear_relu", "attention", "linear_gelu")
+    cases = bench_main.build_cases(args, cpu, ops, ("fwd", "bwd"), [torch.float32, torch.bfloat16], None, scope)
     bf16 = [c for c in cases if c.dtype_name == "bf16" and not c.op.startswith("ceiling")]
-    assert bf16 and all(c.priority and c.mode == "fwd" for c in bf16)
+    assert bf16 and all(c.priority and c.mode == "fwd" and c.op != "linear_gelu" for c in bf16)
+    assert any(c.op == "linear_gelu" and c.priority for c in cases)  # its fp32 targets stay
     assert any(targets.names(c, "cpu") for c in bf16)  # the bf16 >= 3x targets are kept
     assert len(bf16) < len([c for c in cases if c.dtype_name == "fp32"])
     assert "not native" in bench_main._level_lines(cpu, "AVX2 capped", False, scope)[1]

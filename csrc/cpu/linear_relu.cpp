@@ -185,7 +185,8 @@ void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
 //  * AVX512: oneDNN from 2 MFLOP: 1.1-2.5x MKL on this EPYC (MKL runs its AVX2 code on AMD).
 //    Below, oneDNN's fixed cost per call (~12 us) loses: 256x256->10 dX, dW 0.82-0.91x,
 //    64x256->10 0.34-0.58x.
-//  * AVX2: oneDNN from 4 MFLOP and only for M >= 2048 or N <= 16 (see plan_gemms).
+//  * AVX2: oneDNN from 4 MFLOP and only for M >= 1024, or a narrow forward (N <= 16); see
+//    plan_gemms.
 //  * dW = dZ^T X: oneDNN reads dZ^T through a reorder, a fresh copy of dZ (in the Transformer
 //    step's 2048x256->1024 FFN: 4.2 ms of copy + 13.8 ms of GEMM against MKL's 10.6 ms at AVX2,
 //    6.8 + 14.7 ms against 16.9 ms at AVX512), so it pays only where the GEMM is long against
@@ -204,7 +205,7 @@ struct GemmPlan {
 constexpr int64_t kOnednnGradWeightMaxRows = 4096;
 constexpr int64_t kOnednnGradWeightMinK = 512;
 constexpr int64_t kOnednnGradWeightMinNK = 512 * 512;
-constexpr int64_t kAvx2OnednnMinRows = 2048;
+constexpr int64_t kAvx2OnednnMinRows = 1024;
 constexpr int64_t kAvx2OnednnNarrowN = 16;
 constexpr int64_t kHugePageOutputBytes = int64_t(32) << 20;
 
@@ -217,7 +218,12 @@ constexpr int64_t kHugePageOutputBytes = int64_t(32) << 20;
 //  * AVX512: fwd and dX 1.08-1.59 from 5 MFLOP (256x100->256, 13 MFLOP: 0.98-1.01, a tie);
 //    dW 1.01-1.19 where K >= 512 and N*K >= 512^2, else 0.82-1.01 (K = 100-256, or N = 256).
 //  * AVX2: fwd 0.69-0.99 and dX 0.83-1.05 for M <= 1024, 1.03-1.18 from M = 2048; a narrow
-//    output (N = 10) 1.60 fwd, 1.10 dX; dW 0.61-1.00 everywhere, so never oneDNN.
+//    output (N = 10) 1.60 fwd, 1.10 dX; dW 0.61-1.00 everywhere, so never oneDNN. That was Zen 5
+//    capped to AVX2. On a native AVX2 EPYC (Zen 3, 2026-12-02, 2 threads, wall time, the
+//    libraries' own threading): fwd / dX 1.10 / 1.14 at 1024x784->512, 1.05 / 1.09 at
+//    1024x512->256, 1.02-1.34 / 0.99-1.19 from M = 2048; M = 256: 0.82-1.10 / 0.66-1.05; N = 10
+//    at M = 1024: fwd 1.31, dX 0.74; dW 0.55-0.99. So oneDNN from M = 1024, and a narrow output
+//    on oneDNN for its forward only.
 GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   GemmPlan p;
   const CpuLevel level = cpu_level();
@@ -229,7 +235,7 @@ GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   const bool small = M * std::max(N, K) * elt < kHugePageOutputBytes;
   const bool onednn_rows = avx512 || M >= kAvx2OnednnMinRows;
   p.fwd = M * N * elt < kHugePageOutputBytes && (onednn_rows || N <= kAvx2OnednnNarrowN);
-  p.dx = small && (onednn_rows || N <= kAvx2OnednnNarrowN);
+  p.dx = small && (avx512 || (onednn_rows && N > kAvx2OnednnNarrowN));
   p.dw = avx512 && small && M <= kOnednnGradWeightMaxRows && K >= kOnednnGradWeightMinK &&
          N * K >= kOnednnGradWeightMinNK;
   return p;
@@ -456,43 +462,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const auto opts = input.options();
   const bool pass_grad = dz_is_grad(act, grad, input.scalar_type());
   const GemmPlan p = plan_gemms(input.scalar_type(), M, K, N);
-  if (!p.any() && M * std::max(N, K) * input.element_size() < kHugePageOutputBytes) {
-    // As eager: dz once, then torch's own GEMM calls (see linear_act_forward for why).
-    const at::Tensor dz = pass_grad ? grad : at::empty({M, N}, opts);
-    if (!pass_grad) dz_rows(act, grad, saved, 0, M, dz);
-    const at::Tensor none = at::empty({0}, opts);
-    return {need_dx ? at::mm(dz, weight) : none, need_dw ? at::mm(dz.t(), input) : at::empty({0}, opts),
-            need_db ? dz.sum(0) : at::empty({0}, opts)};
-  }
-  // Written by the first block, accumulated by the others (no zero-fill pass; M == 0 is zeros).
-  at::Tensor dw = need_dw ? (M ? at::empty({N, K}, opts) : at::zeros({N, K}, opts)) : at::empty({0}, opts);
-  at::Tensor db = need_db ? (M ? at::empty({N}, opts) : at::zeros({N}, opts)) : at::empty({0}, opts);
-  at::Tensor dx = at::empty({0}, opts);
-  if (p.any()) {
-    // Whole-tensor GEMMs (oneDNN has no accumulate-into-output here): dZ once, as eager has it.
+  // Each output not asked for is its own empty tensor (outputs must not alias).
+  const auto none = [&] { return at::empty({0}, opts); };
+  if (p.any() || M * std::max(N, K) * input.element_size() < kHugePageOutputBytes) {
+    // Whole tensors, as eager has them: dz once, then each product on the library its plan
+    // names. The products oneDNN does not win are torch's own calls, as eager makes them (see
+    // linear_act_forward): the grid of single-threaded MKL tiles ran 0.84-0.95x that call on 2
+    // cores (1024x256->10 bwd: 0.76x eager with dX on oneDNN and dW on the grid, native AVX2
+    // EPYC). Their results then follow MKL's partition, as eager's do.
     at::Tensor dz = pass_grad ? grad : at::empty({M, N}, opts);
     if (!pass_grad) dz_rows(act, grad, saved, 0, M, dz);
-    if (need_dx) {
-      if (p.dx) {
-        dx = onednn_mm_bt(dz, weight.t());
-      } else {
-        dx = at::empty({M, K}, opts);
-        mkl_mm(dx, dz, weight, std::nullopt, false);
-      }
-    }
-    if (need_dw) {
-      if (p.dw) {
-        dw = onednn_mm_bt(dz.t(), input.t());
-      } else {
-        mkl_mm(dw, dz.t(), input, std::nullopt, false);
-      }
-    }
-    if (need_db) at::sum_out(db, dz, 0);
-    return {dx, dw, db};
+    return {need_dx ? (p.dx ? onednn_mm_bt(dz, weight.t()) : at::mm(dz, weight)) : none(),
+            need_dw ? (p.dw ? onednn_mm_bt(dz.t(), input.t()) : at::mm(dz.t(), input)) : none(),
+            need_db ? dz.sum(0) : none()};
   }
+  // Written by the first block, accumulated by the others (no zero-fill pass; M == 0 is zeros).
+  at::Tensor dw = need_dw ? (M ? at::empty({N, K}, opts) : at::zeros({N, K}, opts)) : none();
+  at::Tensor db = need_db ? (M ? at::empty({N}, opts) : at::zeros({N}, opts)) : none();
+  at::Tensor dx = need_dx ? empty_output({M, K}, opts) : none();
   // Block by block: dz of a block of rows into a cache-resident scratch block, then fed to the dX
   // GEMM, the dW GEMM (accumulated block after block, in order: deterministic) and the db sum.
-  if (need_dx) dx = empty_output({M, K}, opts);
   const int64_t block = rows_per_block(M, N, input.element_size());
   at::Tensor scratch = pass_grad ? at::Tensor() : at::empty({std::min(block, M), N}, opts);
   for (int64_t r0 = 0; r0 < M; r0 += block) {
