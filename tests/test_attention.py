@@ -80,6 +80,8 @@ CPP_SHAPES = [
     (2, 2, 1, 17, 113, 40, 72),
     (1, 2, 2, 130, 7, 128, 128),
     (1, 6, 2, 65, 200, 256, 32),
+    (1, 3, 1, 67, 1100, 40, 24),   # the forward's 512-key blocks: two whole, one partial
+    (1, 2, 1, 600, 650, 16, 24),   # causal rows past the first 512-key block
 ]
 
 
@@ -102,9 +104,10 @@ def test_cpp_matches_reference_at_block_edges(shape, causal, dtype):
     check("cpp", *_inputs(*shape), dtype, f"{shape}", is_causal=causal, enable_gqa=Hq != Hkv)
 
 
-def test_float64_is_exact():
-    q, k, v = _inputs(1, 2, 1, 70, 90, 40, 24, torch.float64)
-    check("cpp", q, k, v, torch.float64, "fp64", is_causal=True, enable_gqa=True)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_float64_is_exact(causal):
+    q, k, v = _inputs(1, 2, 1, 530, 530, 40, 24, torch.float64)  # past one 512-key block
+    check("cpp", q, k, v, torch.float64, "fp64", is_causal=causal, enable_gqa=True)
 
 
 @pytest.mark.parametrize("path,dtype", SMALL, ids=str)
@@ -126,11 +129,13 @@ def test_masks(path, dtype, kind, mask_shape):
     check(path, q, k, v, dtype, f"{kind} mask {mask_shape}", attn_mask=mask)
 
 
-@pytest.mark.parametrize("kind", ["bool_padding", "bool_full", "float_full", "float_rows"])
+@pytest.mark.parametrize("kind", ["bool_padding", "bool_full", "float_full", "float_rows", "first_block_hidden"])
 def test_cpp_masks_at_block_edges(kind):
-    B, Hq, Hkv, L, S = 2, 4, 2, 37, 113
+    B, Hq, Hkv, L, S = 2, 4, 2, 37, 113 if kind != "first_block_hidden" else 600
     q, k, v = _inputs(B, Hq, Hkv, L, S, 40, 40)
-    if kind == "bool_padding":  # key padding mask (B, 1, 1, S): zero strides after the expand
+    if kind == "first_block_hidden":  # odd rows see no key of the first 512-key block
+        mask = ~((torch.arange(L)[:, None] % 2 == 1) & (torch.arange(S) < 530))
+    elif kind == "bool_padding":  # key padding mask (B, 1, 1, S): zero strides after the expand
         mask = (torch.arange(S) < torch.tensor([S, 60])[:, None])[:, None, None, :]
     elif kind == "bool_full":
         mask = torch.rand(B, Hq, L, S) > 0.4

@@ -6,9 +6,10 @@
 // maps onto real vector registers and everything here lands in bigmodel::attn::<CAPABILITY>.
 //
 // Layout of the work (B batches, Hq query heads, Hkv key/value heads, L queries, S keys):
-//  * forward: one task per (batch, query head, block of BQ queries). Scores for a BQ x BK block
-//    live in a small buffer; a running max and sum per row rescale the output accumulator as
-//    each key block arrives (online softmax), so nothing L x S is ever stored. Causal blocks
+//  * forward: one task per (batch, query head, block of BQ queries). Scores for a block live in
+//    a small buffer, transposed (BK keys x BQ queries, S^T = K Qs^T) so that each query's
+//    running max and sum are vertical vector work; they rescale the output accumulator (O^T)
+//    as each key block arrives (online softmax), so nothing L x S is ever stored. Causal blocks
 //    above the diagonal are never visited.
 //  * backward: per pair of (key block, query block) the probabilities are recomputed from the
 //    saved logsumexp; dK and dV accumulate in block buffers, dQ^T per head. With enough
@@ -184,42 +185,6 @@ inline void load_block(acc_t* dst, int64_t ldd, const scalar_t* src, int64_t s_r
   for (int64_t r = rows; r < rows_pad; ++r) std::fill(dst + r * ldd, dst + (r + 1) * ldd, acc_t(0));
 }
 
-template <typename T>
-inline T reduce_max(const T* x, int64_t n) {  // n: a multiple of the vector width
-  using V = Vectorized<T>;
-  V m(neg_inf<T>());
-  for (int64_t c = 0; c < n; c += V::size()) m = at::vec::maximum(m, V::loadu(x + c));
-  // maximum() propagates NaN, so a NaN score reaches the row's output, as in the reference.
-  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, m);
-}
-
-// x = exp(x - sub) in place; returns the sum.
-template <typename T>
-inline T exp_sum(T* x, int64_t n, T sub) {
-  using V = Vectorized<T>;
-  const V vs(sub);
-  V s(T(0));
-  for (int64_t c = 0; c < n; c += V::size()) {
-    const V e = (V::loadu(x + c) - vs).exp_u20();
-    e.store(x + c);
-    s = s + e;
-  }
-  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, s);
-}
-
-template <typename T>
-inline void scale_row(T* x, int64_t n, T f) {
-  using V = Vectorized<T>;
-  const V vf(f);
-  for (int64_t c = 0; c < n; c += V::size()) (V::loadu(x + c) * vf).store(x + c);
-}
-
-template <typename T>
-inline T max_nan(T a, T b) {  // NaN wins, like at::vec::maximum
-  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<T>::quiet_NaN();
-  return a < b ? b : a;
-}
-
 // ------------------------------------------------------------------------------------------
 // Dropout: a counter-based hash of the element's flat index in the (B, Hq, L, S) score tensor,
 // keyed by the seed. The forward and the backward regenerate the same decision anywhere, in any
@@ -275,30 +240,6 @@ struct MaskView {
     return static_cast<acc_t>(reinterpret_cast<const scalar_t*>(base)[off]);
   }
 };
-
-// Scores s[r][c] for queries i0 + r (r < m) and keys j0 + c (c < n); columns n..np padding.
-template <typename scalar_t, typename acc_t>
-void mask_scores(const MaskView<scalar_t>& mk, bool causal, int64_t b, int64_t h, int64_t i0,
-                 int64_t m, int64_t j0, int64_t n, int64_t np, acc_t* s, int64_t lds) {
-  const acc_t ninf = neg_inf<acc_t>();
-  const bool crosses = causal && j0 + n - 1 > i0;  // some key in the block is above the diagonal
-  for (int64_t r = 0; r < m; ++r) {
-    acc_t* row = s + r * lds;
-    const int64_t i = i0 + r;
-    int64_t vis = n;
-    if (crosses) vis = std::clamp<int64_t>(i - j0 + 1, 0, n);
-    for (int64_t c = vis; c < np; ++c) row[c] = ninf;
-    if (mk.kind == MaskKind::kNone) continue;
-    const int64_t off = b * mk.sb + h * mk.sh + i * mk.sl + j0 * mk.ss;
-    if (mk.kind == MaskKind::kBool) {
-      for (int64_t c = 0; c < vis; ++c) {
-        if (!mk.visible(off + c * mk.ss)) row[c] = ninf;
-      }
-    } else {
-      for (int64_t c = 0; c < vis; ++c) row[c] += mk.template add<acc_t>(off + c * mk.ss);
-    }
-  }
-}
 
 // Transposed: st[c][r] for keys j0 + c (c < n) and queries i0 + r (r < m). Hidden entries
 // (causal, bool mask) get `fill`; the additive mask is added when `add`.
@@ -374,59 +315,120 @@ std::vector<uint8_t> nan_columns(const scalar_t* x, const int64_t* st, int64_t B
 // Forward
 
 // One key/value head in the layout the forward's block products read, in the accumulation type:
-// K^T cut into key blocks of BK columns (block kb is E rows of BK keys, contiguous: its rows sit
-// 4*BK bytes apart, not a power-of-two head length apart, which aliased in L1) and V as rows of
-// Evp. Each thread packs a head once, up to the last key its tasks need so far (a causal task
-// needs a prefix), and reuses it for the next query blocks of the same head: its tasks are a
-// contiguous range, so they share heads. Packing per (query block, key block), as before, cost
-// an E x BK load and transpose for every 2 * 64 * BK * E FLOPs (scalar at AVX2: ~15% of the
-// forward).
+// K as S rows of E (the A operand of S^T = K Qs^T) and V^T cut into key blocks of BK columns
+// (block kb is Ev rows of BK keys, contiguous: its rows sit 4*BK bytes apart, not a
+// power-of-two head length apart, which aliased in L1; the A operand of O^T += V^T P^T). Each
+// thread packs a head once, up to the last key its tasks need so far (a causal task needs a
+// prefix), and reuses it for the next query blocks of the same head: its tasks are a contiguous
+// range, so they share heads.
 template <typename scalar_t, typename acc_t>
 struct PackedHead {
   int64_t b = -1, kvh = -1, upto = 0;  // keys [0, upto) of head (b, kvh) are packed
-  int64_t S, E, Ev, Evp, BK;
-  std::vector<acc_t> kt, v, kn;
+  int64_t S, E, Ev, BK;
+  std::vector<acc_t> k, vt, vn;
 
-  PackedHead(int64_t S_, int64_t E_, int64_t Ev_, int64_t Evp_, int64_t BK_)
-      : S(S_), E(E_), Ev(Ev_), Evp(Evp_), BK(BK_) {}
+  PackedHead(int64_t S_, int64_t E_, int64_t Ev_, int64_t BK_) : S(S_), E(E_), Ev(Ev_), BK(BK_) {}
 
-  const acc_t* kt_block(int64_t j0) const { return kt.data() + j0 / BK * E * BK; }
-  const acc_t* v_rows(int64_t j0) const { return v.data() + j0 * Evp; }
+  const acc_t* k_rows(int64_t j0) const { return k.data() + j0 * E; }
+  const acc_t* vt_block(int64_t j0) const { return vt.data() + j0 / BK * Ev * BK; }
 
   void ensure(const Args& a, int64_t b_, int64_t kvh_, int64_t kend) {
-    constexpr int64_t W = Vectorized<acc_t>::size();
     if (b_ != b || kvh_ != kvh) b = b_, kvh = kvh_, upto = 0;
     if (upto >= kend) return;
-    if (kt.empty()) {
+    if (k.empty()) {
       const int64_t nkb = (S + BK - 1) / BK;
-      kt.resize(nkb * E * BK), v.resize(nkb * BK * Evp), kn.resize(BK * E);
+      k.resize(S * E), vt.assign(nkb * Ev * BK, acc_t(0)), vn.resize(BK * Ev);
     }
     const scalar_t* kbase = static_cast<const scalar_t*>(a.k) + b * a.sk[0] + kvh * a.sk[1];
     const scalar_t* vbase = static_cast<const scalar_t*>(a.v) + b * a.sv[0] + kvh * a.sv[1];
     for (; upto < kend; upto += BK) {
-      const int64_t j0 = upto, n = std::min(BK, S - j0), np = round_up(n, W);
-      // Padding keys n..np are zero columns of K^T (their scores are masked anyway).
-      load_block(kn.data(), E, kbase + j0 * a.sk[2], a.sk[2], a.sk[3], n, np, E, acc_t(1));
-      transpose(kn.data(), E, kt.data() + j0 / BK * E * BK, BK, np, E);
-      load_block(v.data() + j0 * Evp, Evp, vbase + j0 * a.sv[2], a.sv[2], a.sv[3], n, n, Ev, acc_t(1));
+      const int64_t j0 = upto, n = std::min(BK, S - j0);
+      load_block(k.data() + j0 * E, E, kbase + j0 * a.sk[2], a.sk[2], a.sk[3], n, n, E, acc_t(1));
+      load_block(vn.data(), Ev, vbase + j0 * a.sv[2], a.sv[2], a.sv[3], n, n, Ev, acc_t(1));
+      transpose(vn.data(), Ev, vt.data() + j0 / BK * Ev * BK, BK, n, Ev);
     }
     upto = std::min(upto, S);
   }
 };
 
+// The online-softmax step for U column vectors (U * W queries from column r) of one block of
+// transposed scores st (n keys x mp queries, one query per column): per query, the running max
+// and sum (rmax, rsum) take in the block, the scores become exp(s - max) in place, and alpha
+// gets the factor the output accumulator must be rescaled by. Every reduction runs down the
+// columns: vertical vector work with no horizontal step (in the queries x keys frame each row's
+// max and sum end in a horizontal reduction and a scalar exp per row per block), and U
+// independent chains per pass, so the max and the sum are not latency-bound on one register.
+template <typename acc_t, int U>
+void softmax_cols_t(acc_t* st, int64_t n, int64_t mp, int64_t r, acc_t* rmax, acc_t* rsum,
+                    acc_t* alpha) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  const V ninf(neg_inf<acc_t>()), zero(acc_t(0)), one(acc_t(1));
+  V mx[U], sub[U], sum[U];
+  for (int u = 0; u < U; ++u) mx[u] = V::loadu(rmax + r + u * W);
+  // maximum() propagates NaN, so a NaN score reaches its query's output, as in the reference.
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t* row = st + c * mp + r;
+    for (int u = 0; u < U; ++u) mx[u] = at::vec::maximum(mx[u], V::loadu(row + u * W));
+  }
+  for (int u = 0; u < U; ++u) {
+    // A query that sees no key yet subtracts 0: exp(-inf - 0) = 0 for its scores and its alpha.
+    sub[u] = V::blendv(mx[u], zero, mx[u] == ninf);
+    sum[u] = zero;
+  }
+  for (int64_t c = 0; c < n; ++c) {
+    acc_t* row = st + c * mp + r;
+    for (int u = 0; u < U; ++u) {
+      const V e = (V::loadu(row + u * W) - sub[u]).exp_u20();
+      e.store(row + u * W);
+      sum[u] = sum[u] + e;
+    }
+  }
+  for (int u = 0; u < U; ++u) {
+    const int64_t ru = r + u * W;
+    const V old = V::loadu(rmax + ru);
+    // exp(old max - new max), exactly 1 where the max stayed (0 on the first visible block).
+    const V al = V::blendv((old - sub[u]).exp(), one, old == mx[u]);
+    (V::loadu(rsum + ru) * al + sum[u]).store(rsum + ru);
+    mx[u].store(rmax + ru);
+    al.store(alpha + ru);
+  }
+}
+
+// The whole block (mp queries), then the output accumulator ot (Ev x mp, transposed too;
+// null before the first block's product) rescaled where some query's max moved.
+template <typename acc_t>
+void softmax_block_t(acc_t* st, int64_t n, int64_t mp, acc_t* rmax, acc_t* rsum, acc_t* alpha,
+                     acc_t* ot, int64_t Ev) {
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
+  int64_t r = 0;
+  for (; r + 4 * W <= mp; r += 4 * W) softmax_cols_t<acc_t, 4>(st, n, mp, r, rmax, rsum, alpha);
+  for (; r < mp; r += W) softmax_cols_t<acc_t, 1>(st, n, mp, r, rmax, rsum, alpha);
+  if (ot == nullptr) return;
+  bool moved = false;
+  for (int64_t i = 0; i < mp; ++i) moved = moved || !(alpha[i] == acc_t(1));
+  if (!moved) return;
+  for (int64_t e = 0; e < Ev; ++e) {
+    acc_t* row = ot + e * mp;
+    for (r = 0; r < mp; r += W) (V::loadu(row + r) * V::loadu(alpha + r)).store(row + r);
+  }
+}
+
 template <typename scalar_t>
 void forward_impl(const Args& a) {
   using acc_t = typename AccOf<scalar_t>::type;
-  constexpr int64_t W = Vectorized<acc_t>::size();
+  using V = Vectorized<acc_t>;
+  constexpr int64_t W = V::size();
   const int64_t B = a.B, Hq = a.Hq, L = a.L, S = a.S, E = a.E, Ev = a.Ev;
   const int64_t group = Hq / a.Hkv;
+  // 64 queries (the products' N, one query per column of S^T) by 512 keys a block, chosen on the
+  // Xeon (AVX512, and AVX2 capped; bench/NOTES.md): against BK = 128 the larger block halves
+  // the per-block work (two products, the max / exp passes' setup, the rescale) relative to the
+  // scores, 1.04 / 1.00 / 1.02x torch at (2,8,1024,64) / (1,4,2048,128) / (4,8,512,64) against
+  // 0.97 / 0.98 / 0.98x; BQ = 32 or 128 measured lower.
   const int64_t BQ = 64;
-  // 128 keys a block at E <= 64; 64 above, so the E x BK block of K^T stays within a 32 KB L1
-  // (native AVX2 EPYC, Zen 3, 2 threads, against torch SDPA at (1,4,2048,128): BK = 64
-  // 0.99-1.01x in three runs, BK = 128 0.88-0.98x; at E = 64 BK = 128 measured 1.04 / 1.09x
-  // against 1.02 / 1.06x at (2,8,1024,64) / (4,8,512,64)).
-  const int64_t BK = std::min<int64_t>(E > 64 ? 64 : 128, round_up(std::max<int64_t>(S, 1), W));
-  const int64_t Evp = round_up(Ev, W);
+  const int64_t BK = std::min<int64_t>(512, std::max<int64_t>(S, 1));
   const int64_t nqb = (L + BQ - 1) / BQ;
   const acc_t scale = static_cast<acc_t>(a.scale);
   const scalar_t* q = static_cast<const scalar_t*>(a.q);
@@ -436,63 +438,74 @@ void forward_impl(const Args& a) {
   const std::vector<uint8_t> vnan = nan_columns(static_cast<const scalar_t*>(a.v), a.sv, B, a.Hkv, S, Ev);
 
   at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
-    // Per-thread scratch: the packed head, Q block, scores, output accumulator, row stats.
-    PackedHead<scalar_t, acc_t> kv(S, E, Ev, Evp, BK);
-    std::vector<acc_t> qs(BQ * E), sc(BQ * BK), oacc(BQ * Evp), rmax(BQ), rsum(BQ);
+    // Per-thread scratch: the packed head, Q block (rows, then transposed), scores, output
+    // accumulator (transposed), per-query stats.
+    PackedHead<scalar_t, acc_t> kv(S, E, Ev, BK);
+    std::vector<acc_t> qs(BQ * E), qt(E * BQ), st(BK * BQ), ot(Ev * BQ), orows(BQ * Ev), rmax(BQ),
+        rsum(BQ), alpha(BQ);
     for (int64_t t = t0; t < t1; ++t) {
       // Under causal, later query blocks cost more; zigzag order balances the threads' ranges.
       const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq;
       const int64_t qb = a.causal ? (t % nqb % 2 == 0 ? t % nqb / 2 : nqb - 1 - t % nqb / 2) : t % nqb;
       const int64_t kvh = h / group;
-      const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0);
+      const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0), mp = round_up(m, W);
       const scalar_t* qbase = q + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
-      // The scale is folded into Q once rather than applied to every score.
+      // Qs^T (E x mp): the scale is folded into Q once rather than applied to every score;
+      // columns m..mp are zero queries, computed and never stored.
       load_block(qs.data(), E, qbase, a.sq[2], a.sq[3], m, m, E, scale);
-      std::fill(oacc.begin(), oacc.end(), acc_t(0));
+      transpose(qs.data(), E, qt.data(), mp, m, E);
+      for (int64_t e = 0; e < E; ++e) std::fill(qt.data() + e * mp + m, qt.data() + (e + 1) * mp, acc_t(0));
       std::fill(rmax.begin(), rmax.end(), neg_inf<acc_t>());
       std::fill(rsum.begin(), rsum.end(), acc_t(0));
       const int64_t kend = a.causal ? std::min(S, i0 + m) : S;  // later keys are hidden to all rows
       kv.ensure(a, b, kvh, kend);
+      if (kend == 0) std::fill(ot.begin(), ot.end(), acc_t(0));
+      // The first block's product writes O^T, so it needs neither a zeroed nor a rescaled one.
       for (int64_t j0 = 0; j0 < kend; j0 += BK) {
-        const int64_t n = std::min(BK, kend - j0), np = round_up(n, W);
-        gemm(m, np, E, qs.data(), E, kv.kt_block(j0), BK, sc.data(), np, false);
-        mask_scores(mk, a.causal, b, h, i0, m, j0, n, np, sc.data(), np);
-        for (int64_t r = 0; r < m; ++r) {
-          acc_t* row = sc.data() + r * np;
-          const acc_t mnew = max_nan(rmax[r], reduce_max(row, np));
-          if (mnew == neg_inf<acc_t>()) {  // nothing visible yet: the row contributes nothing
-            std::fill(row, row + np, acc_t(0));
-            continue;
-          }
-          const acc_t sum = exp_sum(row, np, mnew);
-          if (!(rmax[r] == mnew)) {
-            const acc_t alpha = std::exp(rmax[r] - mnew);  // 0 for the first visible block
-            rsum[r] *= alpha;
-            scale_row(oacc.data() + r * Evp, Evp, alpha);
-          }
-          rsum[r] += sum;
-          rmax[r] = mnew;
-          if (drop.on) {  // the normaliser uses every probability, the product only the kept ones
-            const uint64_t base = drop.row_base(b, h, i0 + r) + j0;
-            const acc_t inv = static_cast<acc_t>(drop.inv_keep);
-            for (int64_t c = 0; c < n; ++c) row[c] = drop.keep(base + c) ? row[c] * inv : acc_t(0);
+        const int64_t n = std::min(BK, kend - j0);
+        // S^T = K Qs^T (n x mp), masked, then its online softmax.
+        gemm(n, mp, E, kv.k_rows(j0), E, qt.data(), mp, st.data(), mp, false);
+        mask_scores_t(mk, a.causal, b, h, i0, m, j0, n, st.data(), mp, neg_inf<acc_t>(), true);
+        softmax_block_t(st.data(), n, mp, rmax.data(), rsum.data(), alpha.data(), j0 > 0 ? ot.data() : nullptr, Ev);
+        if (drop.on) {  // the normaliser uses every probability, the product only the kept ones
+          const acc_t inv = static_cast<acc_t>(drop.inv_keep);
+          for (int64_t c = 0; c < n; ++c) {
+            acc_t* row = st.data() + c * mp;
+            for (int64_t r = 0; r < m; ++r) {
+              row[r] = drop.keep(drop.row_base(b, h, i0 + r) + j0 + c) ? row[r] * inv : acc_t(0);
+            }
           }
         }
-        // Only the n real keys: the packed head's rows past them are other keys (or unset).
-        gemm(m, Evp, n, sc.data(), np, kv.v_rows(j0), Evp, oacc.data(), Evp, true);
+        // O^T += V^T P^T over the n real keys.
+        gemm(Ev, mp, n, kv.vt_block(j0), BK, st.data(), mp, ot.data(), mp, /*acc=*/j0 > 0);
       }
+      // O = O^T's columns times 1/sum (0 for a query that sees no key), back in rows.
+      for (int64_t r = 0; r < mp; ++r) alpha[r] = rsum[r] == acc_t(0) ? acc_t(0) : acc_t(1) / rsum[r];
+      for (int64_t e = 0; e < Ev; ++e) {
+        acc_t* row = ot.data() + e * mp;
+        for (int64_t r = 0; r < mp; r += W) (V::loadu(row + r) * V::loadu(alpha.data() + r)).store(row + r);
+      }
+      transpose(ot.data(), mp, orows.data(), Ev, Ev, m);
       const uint8_t* nanc = vnan.data() + (b * a.Hkv + kvh) * Ev;
+      const bool nan_v = std::any_of(nanc, nanc + Ev, [](uint8_t f) { return f != 0; });
       scalar_t* obase = out + ((b * Hq + h) * L + i0) * Ev;
+      for (int64_t r = 0; r < m; ++r) {
+        const acc_t* o = orows.data() + r * Ev;
+        scalar_t* dst = obase + r * Ev;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (!nan_v) {
+            std::copy(o, o + Ev, dst);
+            continue;
+          }
+        }
+        for (int64_t e = 0; e < Ev; ++e) {
+          dst[e] = nanc[e] ? std::numeric_limits<scalar_t>::quiet_NaN() : static_cast<scalar_t>(o[e]);
+        }
+      }
+      // lse = max + log(sum); a query that sees no key gets +inf (exp(s - lse) = 0 in the backward).
       float* lbase = a.lse + (b * Hq + h) * L + i0;
       for (int64_t r = 0; r < m; ++r) {
         const acc_t l = rsum[r];
-        // A row that sees no key: output 0, lse +inf (so exp(s - lse) = 0 in the backward).
-        const acc_t inv = l == acc_t(0) ? acc_t(0) : acc_t(1) / l;
-        const acc_t* o = oacc.data() + r * Evp;
-        scalar_t* dst = obase + r * Ev;
-        for (int64_t e = 0; e < Ev; ++e) {
-          dst[e] = nanc[e] ? std::numeric_limits<scalar_t>::quiet_NaN() : static_cast<scalar_t>(o[e] * inv);
-        }
         const acc_t lse = l == acc_t(0) ? std::numeric_limits<acc_t>::infinity() : rmax[r] + std::log(l);
         lbase[r] = static_cast<float>(lse);
         if (a.lse64) a.lse64[(b * Hq + h) * L + i0 + r] = static_cast<double>(lse);
