@@ -6,6 +6,8 @@
 // activation is one more Activation::Kind and one more functor in linear_epilogue_kernel.h.
 #pragma once
 
+#include <vector>
+
 #include "cpu_vec.h"
 
 namespace bigmodel {
@@ -35,6 +37,10 @@ inline bool derivative_reads_pre(const Activation& act) {
   namespace cap {                                                                                  \
   void forward(const Activation& act, const float* z, float* y, int64_t n);                        \
   void forward(const Activation& act, const double* z, double* y, int64_t n);                      \
+  void forward_bias(const Activation& act, float* z, const float* bpat, float* y, int64_t n,     \
+                    int64_t e0, int64_t count);                                                    \
+  void forward_bias(const Activation& act, double* z, const double* bpat, double* y, int64_t n,  \
+                    int64_t e0, int64_t count);                                                    \
   void forward(const Activation& act, const float* z, at::BFloat16* y, at::BFloat16* pre,          \
                int64_t n);                                                                         \
   void forward(const Activation& act, const float* z, at::Half* y, at::Half* pre, int64_t n);      \
@@ -78,6 +84,19 @@ void epilogue_forward(const Activation& act, const acc_t* z, out_t* y, int64_t n
   const CpuLevel level = cpu_level();
   at::parallel_for(0, n, kEpilogueGrain, [&](int64_t a, int64_t b) {
     BIGMODEL_EPILOGUE_AT_LEVEL(level, forward, act, z + a, y + a, b - a)
+  });
+}
+
+// y = act(z + bias) over `rows` rows of width n (bias broadcast along them), z = z + bias where
+// y is another buffer; the flat run split across the threads.
+template <typename T>
+void epilogue_forward_bias(const Activation& act, T* z, const T* bias, T* y, int64_t rows,
+                           int64_t n) {
+  const CpuLevel level = cpu_level();
+  std::vector<T> bpat(n + 64);  // bias repeated: bpat[i] = bias[i % n] (64 >= any vector width)
+  for (int64_t i = 0; i < n + 64; ++i) bpat[i] = bias[i % n];
+  at::parallel_for(0, rows * n, kEpilogueGrain, [&](int64_t a, int64_t b) {
+    BIGMODEL_EPILOGUE_AT_LEVEL(level, forward_bias, act, z + a, bpat.data(), y + a, n, a, b - a)
   });
 }
 

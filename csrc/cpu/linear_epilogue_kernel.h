@@ -279,6 +279,36 @@ void forward_same(const F& f, const T* z, T* y, int64_t n) {
   for (; i < n; ++i) y[i] = f.fwd(z[i]);
 }
 
+// t = z + bias broadcast along rows of n, y = f(t), and z = t where y is another buffer (z then
+// holds the pre-activation the backward reads). z and y point at flat element e0 of the
+// row-major block; bpat[i] = bias[i % n] for i < n + vector width, so every vector of the flat
+// run reads its bias from bpat at the run's phase: full vectors whatever n is. (Row by row, a
+// narrow row is all tail: at N = 10 a masked store per row, each stalling the next row's load
+// from the same cache line, ran 15 us for a (1024, 10) block against 3 us for a flat ReLU.)
+template <typename F, typename T>
+void forward_bias(const F& f, T* z, const T* bpat, T* y, int64_t n, int64_t e0, int64_t count) {
+  const bool keep_pre = y != z;
+  int64_t ph = e0 % n, i = 0;
+  if constexpr (kVector) {
+    using V = Vectorized<T>;
+    constexpr int64_t W = V::size();
+    const int64_t step = W % n;
+    for (; i + W <= count; i += W) {
+      const V t = V::loadu(z + i) + V::loadu(bpat + ph);
+      if (keep_pre) t.store(z + i);
+      f.fwd(t).store(y + i);
+      ph += step;
+      if (ph >= n) ph -= n;
+    }
+  }
+  for (; i < count; ++i) {
+    const T t = z[i] + bpat[ph];
+    if (keep_pre) z[i] = t;
+    y[i] = f.fwd(t);
+    if (++ph == n) ph = 0;
+  }
+}
+
 // y = f(z) rounded once from float to half or bfloat16, and pre = z rounded once unless null.
 template <typename F, typename low_t>
 void forward_round(const F& f, const float* z, low_t* y, low_t* pre, int64_t n) {
@@ -405,6 +435,14 @@ void forward(const Activation& act, const float* z, float* y, int64_t n) {
 }
 void forward(const Activation& act, const double* z, double* y, int64_t n) {
   BIGMODEL_EPILOGUE_SWITCH(act, (forward_same(f, z, y, n)))
+}
+void forward_bias(const Activation& act, float* z, const float* bpat, float* y, int64_t n,
+                  int64_t e0, int64_t count) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (forward_bias(f, z, bpat, y, n, e0, count)))
+}
+void forward_bias(const Activation& act, double* z, const double* bpat, double* y, int64_t n,
+                  int64_t e0, int64_t count) {
+  BIGMODEL_EPILOGUE_SWITCH(act, (forward_bias(f, z, bpat, y, n, e0, count)))
 }
 void forward(const Activation& act, const float* z, at::BFloat16* y, at::BFloat16* pre, int64_t n) {
   BIGMODEL_EPILOGUE_SWITCH(act, (forward_round(f, z, y, pre, n)))

@@ -397,9 +397,27 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
     // grid of single-threaded MKL tiles below ran 0.84-0.95x this call on 2 cores (M = 64-1024;
     // bench/NOTES.md, "linear_relu per level"), so the grid is kept for outputs of 32 MB and
     // more (huge pages) and for widened half / bfloat16 (converted block by block).
-    const at::Tensor z = b.has_value() ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+    //
+    // The bias: addmm broadcasts it into its output before a beta = 1 GEMM, through a
+    // TensorIterator copy that is slow for narrow rows (13 us for a (1024, 10) output, the same as
+    // z.add_(b), against ~1 us for the GEMM's own write of it). In float and double, at the
+    // vector levels, the GEMM runs without it and the epilogue adds it as it applies the
+    // activation: one rounding of z + b either way. (DEFAULT keeps addmm: its transcendental
+    // epilogues are ATen calls on z, see aten_epilogue; half / bfloat16 keep the GEMM's single
+    // rounding of z + b.)
+    const bool bias_in_epilogue = b.has_value() && (compute == at::kFloat || compute == at::kDouble) &&
+                                  cpu_level() != CpuLevel::kDefault;
+    const at::Tensor z = !b.has_value() || bias_in_epilogue ? at::mm(x, w.t()) : at::addmm(*b, x, w.t());
     at::Tensor out = want_pre ? at::empty_like(z) : z;
-    epilogue_into(act, z, out, at::Tensor());
+    if (bias_in_epilogue) {
+      const at::Tensor bc = b->contiguous();
+      AT_DISPATCH_FLOATING_TYPES(compute, "linear_bias_epilogue", [&] {
+        epilogue_forward_bias(act, z.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
+                              out.data_ptr<scalar_t>(), M, N);
+      });
+    } else {
+      epilogue_into(act, z, out, at::Tensor());
+    }
     return {out, want_pre ? z : no_pre};
   }
   at::Tensor out = new_output();
