@@ -311,6 +311,28 @@ def test_cpp_blocked_32mb_matches_float64():
     assert_linear_relu_matches(y.detach(), x, w, b, g, {"x": dx, "w": dw, "b": db}, "blocked 32 MB")
 
 
+def test_cpp_reused_large_outputs_never_alias_live_ones():
+    """Outputs of 32 MB and more come from a cache of freed blocks (csrc/cpu/large_output.cpp):
+    a block goes back to a new output only once its tensor is gone, and the new output is written
+    in full. K = 1 keeps the GEMMs cheap; each output is exactly 32 MB."""
+    M, N = 8192, 1024
+    op = torch.ops.bigmodel.linear_relu.default
+    w, b = torch.randn(N, 1), torch.randn(N)
+    xs = [torch.randn(M, 1) for _ in range(4)]
+    want = [ref_linear_relu(x.double(), w.double(), b.double()).float() for x in xs]
+    first, second = op(xs[0], w, b), op(xs[1], w, b)
+    assert first.data_ptr() != second.data_ptr()
+    freed = first.data_ptr()
+    del first
+    third = op(xs[2], w, b)  # may take the freed block: must not touch `second`
+    fourth = op(xs[3], w, b)
+    ptrs = {second.data_ptr(), third.data_ptr(), fourth.data_ptr()}
+    assert len(ptrs) == 3, "two live outputs share a block"
+    for got, ref in ((second, want[1]), (third, want[2]), (fourth, want[3])):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert freed in ptrs, "the freed block was not reused (the cache is off?)"
+
+
 def _half_ulp(ref, dtype):
     """Half the spacing of ``dtype`` at each value of ref (float64)."""
     mant = {torch.bfloat16: 7, torch.float16: 10}[dtype]

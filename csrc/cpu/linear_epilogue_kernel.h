@@ -5,10 +5,21 @@
 // At AVX2 and AVX512 the loops are at::vec; at DEFAULT they are plain loops on purpose: there
 // at::vec is its generic array fallback, which ran 7x slower than torch's threshold_backward
 // (12 ms vs 1.6 ms on 4M elements), while GCC vectorises these selects itself for SSE2.
+#include <ATen/Config.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "linear_epilogue.h"
+
+#if AT_MKL_ENABLED() && !defined(BIGMODEL_MKL_VML_DECLARED)
+#define BIGMODEL_MKL_VML_DECLARED
+// MKL's vector-math tanh, which libtorch_cpu exports: the routine torch.tanh itself runs for float
+// on CPU (ATen's vml.h). n as a 64-bit integer: right for MKL's LP64 (int) and ILP64 interfaces.
+extern "C" void vmsTanh(long long n, const float* a, float* r, long long mode);
+#endif
 
 namespace bigmodel {
 namespace linear {
@@ -268,9 +279,29 @@ struct Sigmoid {
   }
 };
 
+// Float tanh runs MKL's vector math where torch has it, in the mode torch.tanh passes (high
+// accuracy, denormals kept, errors ignored): the same values as eager's tanh, NaN included, and
+// ~3x at::vec's Sleef tanh (the epilogue of a 4096 x 512 output, 2 threads, AVX512 Xeon: 2.9 ms
+// against torch.tanh's 0.9 ms).
+template <typename F, typename T>
+constexpr bool kTanhByVml = AT_MKL_ENABLED() && std::is_same_v<F, Tanh> && std::is_same_v<T, float>;
+
+#if AT_MKL_ENABLED()
+inline void vml_tanh(const float* z, float* y, int64_t n) {
+  constexpr long long kHighAccuracy = 0x2, kDenormalsKept = 0x140000, kErrorsIgnored = 0x100;
+  vmsTanh(n, z, y, kHighAccuracy | kDenormalsKept | kErrorsIgnored);
+}
+#else
+inline void vml_tanh(const float*, float*, int64_t) {}
+#endif
+
 // y = f(z) with z and y of one type (possibly the same memory).
 template <typename F, typename T>
 void forward_same(const F& f, const T* z, T* y, int64_t n) {
+  if constexpr (kTanhByVml<F, T>) {
+    if (n > 0) vml_tanh(z, y, n);
+    return;
+  }
   int64_t i = 0;
   if constexpr (kVector) {
     using V = Vectorized<T>;
@@ -287,6 +318,18 @@ void forward_same(const F& f, const T* z, T* y, int64_t n) {
 // from the same cache line, ran 15 us for a (1024, 10) block against 3 us for a flat ReLU.)
 template <typename F, typename T>
 void forward_bias(const F& f, T* z, const T* bpat, T* y, int64_t n, int64_t e0, int64_t count) {
+  if constexpr (kTanhByVml<F, T>) {
+    // t = z + b into y a chunk at a time, then MKL's tanh on that chunk while it is in L2. Each
+    // VML call inside a parallel region costs ~2.6 us (2M elements over 2 threads in chunks of
+    // 1024: 5.9 ms, of 16384: 0.84, whole: 0.57), so the chunks are large.
+    constexpr int64_t kChunk = int64_t(1) << 16;
+    for (int64_t o = 0; o < count; o += kChunk) {
+      const int64_t len = std::min(kChunk, count - o);
+      forward_bias(Identity{}, z + o, bpat, y + o, n, e0 + o, len);
+      vml_tanh(y + o, y + o, len);
+    }
+    return;
+  }
   const bool keep_pre = y != z;
   int64_t ph = e0 % n, i = 0;
   if constexpr (kVector) {

@@ -23,12 +23,12 @@
 #include <c10/util/FunctionRef.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <array>
 
+#include "large_output.h"
 #include "linear_act.h"
 
 #if AT_MKL_ENABLED()
@@ -207,7 +207,6 @@ constexpr int64_t kOnednnGradWeightMinK = 512;
 constexpr int64_t kOnednnGradWeightMinNK = 512 * 512;
 constexpr int64_t kAvx2OnednnMinRows = 1024;
 constexpr int64_t kAvx2OnednnNarrowN = 16;
-constexpr int64_t kHugePageOutputBytes = int64_t(32) << 20;
 
 // Measured 2026-12-02, each GEMM alone, 1 thread, process CPU time (immune to the shared
 // machine's stolen time), MKL time / oneDNN time on 14 shapes from 64x784->512 to 4096x784->512
@@ -232,9 +231,9 @@ GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   const bool avx512 = level == CpuLevel::kAvx512;
   if (M == 0 || N == 0 || K == 0 || 2.0 * M * N * K < (avx512 ? 2e6 : 4e6)) return p;
   const int64_t elt = 4;
-  const bool small = M * std::max(N, K) * elt < kHugePageOutputBytes;
+  const bool small = M * std::max(N, K) * elt < kLargeOutputBytes;
   const bool onednn_rows = avx512 || M >= kAvx2OnednnMinRows;
-  p.fwd = M * N * elt < kHugePageOutputBytes && (onednn_rows || N <= kAvx2OnednnNarrowN);
+  p.fwd = M * N * elt < kLargeOutputBytes && (onednn_rows || N <= kAvx2OnednnNarrowN);
   p.dx = small && (avx512 || (onednn_rows && N > kAvx2OnednnNarrowN));
   p.dw = avx512 && small && M <= kOnednnGradWeightMaxRows && K >= kOnednnGradWeightMinK &&
          N * K >= kOnednnGradWeightMinNK;
@@ -255,39 +254,6 @@ bool native_low_precision_gemm(at::ScalarType dtype) {
   const bool native = dtype == at::kBFloat16 ? has("avx512_bf16") || has("amx_bf16")
                                              : has("avx512_fp16") || has("amx_fp16");
   return native && std::getenv("BIGMODEL_CPU_LOW_PRECISION_FP32") == nullptr;
-}
-
-// Large outputs come from 2 MB-aligned memory advised as transparent huge pages: the first touch
-// of a fresh 32 MB output then costs 16 page faults instead of 8192 (measured: 8 ms -> 1.6 ms
-// for an empty+fill of 32 MB here, which is most of the gap between a GEMM into a reused buffer
-// and one into a new tensor). Storage stays resizable and is freed with free().
-struct HugePageAllocator final : at::Allocator {
-  static constexpr size_t kAlign = size_t(2) << 20;
-  static void release(void* p) { std::free(p); }
-  at::DataPtr allocate(size_t n) override {
-    const size_t bytes = (std::max<size_t>(n, 1) + kAlign - 1) / kAlign * kAlign;
-    void* p = std::aligned_alloc(kAlign, bytes);
-    TORCH_CHECK(p != nullptr, "bigmodel: out of memory allocating ", bytes, " bytes");
-#ifdef MADV_HUGEPAGE
-    madvise(p, bytes, MADV_HUGEPAGE);  // a hint: without THP it is simply ignored
-#endif
-    return {p, p, &release, at::Device(at::kCPU)};
-  }
-  at::DeleterFnPtr raw_deleter() const override { return &release; }
-  void copy_data(void* dest, const void* src, size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-};
-
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  int64_t numel = 1;
-  for (const int64_t s : sizes) numel *= s;
-  // Below glibc's largest mmap threshold (32 MB) freed blocks are reused from the heap without
-  // faults, and fresh huge pages would only add the kernel's zeroing: use the default allocator.
-  if (numel * int64_t(opts.dtype().itemsize()) < kHugePageOutputBytes) return at::empty(sizes, opts);
-  static HugePageAllocator allocator;
-  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   opts.dtype().toScalarType(), std::nullopt);
 }
 
 at::Tensor detached(const at::Tensor& t) { return t.detach(); }
@@ -389,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
     epilogue_into(act, z, out, at::Tensor());
     return {out, want_pre ? z : no_pre};
   }
-  if (!widen && M * N * input.element_size() < kHugePageOutputBytes) {
+  if (!widen && M * N * input.element_size() < kLargeOutputBytes) {
     // torch's own GEMM call, as eager F.linear makes it (one multithreaded MKL call, or native
     // half / bfloat16), into its own output (its out= variant measured 3% slower: 1.89 vs 1.84
     // ms at 1024x784->512), then the activation, in place where pre is not kept: eager's
@@ -482,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const GemmPlan p = plan_gemms(input.scalar_type(), M, K, N);
   // Each output not asked for is its own empty tensor (outputs must not alias).
   const auto none = [&] { return at::empty({0}, opts); };
-  if (p.any() || M * std::max(N, K) * input.element_size() < kHugePageOutputBytes) {
+  if (p.any() || M * std::max(N, K) * input.element_size() < kLargeOutputBytes) {
     // Whole tensors, as eager has them: dz once, then each product on the library its plan
     // names. The products oneDNN does not win are torch's own calls, as eager makes them (see
     // linear_act_forward): the grid of single-threaded MKL tiles ran 0.84-0.95x that call on 2
