@@ -9,6 +9,7 @@
 #include <ATen/AccumulateType.h>
 #include <ATen/NumericUtils.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/native/Math.h>
 #include <ATen/native/cpu/zmath.h>
@@ -77,6 +78,25 @@ inline bool mkl_runs_full_width() {
 #endif
   }();
   return intel;
+}
+
+// bfloat16 / half arithmetic in hardware at the AVX512 level (avx512_bf16 or AMX-BF16 for
+// bfloat16; avx512_fp16 or AMX-FP16 for half): there torch's own kernels in that dtype (its GEMMs,
+// its flash attention on AMX brgemm) beat the engine's float blocks, and the engine hands those
+// dtypes to them (linear_relu.cpp, attention.cpp). Elsewhere torch's fallbacks run at ~1.3
+// GFLOP/s (53 ms at 1024x784->512 on an AVX2 EPYC, 6x its fp32), so the engine converts to float
+// and rounds once at the end. BIGMODEL_CPU_LOW_PRECISION_FP32=1 keeps the float blocks anyway.
+inline bool native_low_precision(at::ScalarType dtype) {
+  if (cpu_level() != CpuLevel::kAvx512) return false;
+  static const auto caps = at::cpu::get_cpu_capabilities();
+  auto has = [&](const char* key) {
+    const auto it = caps.find(key);
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  };
+  const bool native = dtype == at::kBFloat16 ? has("avx512_bf16") || has("amx_bf16")
+                      : dtype == at::kHalf   ? has("avx512_fp16") || has("amx_fp16")
+                                             : false;
+  return native && std::getenv("BIGMODEL_CPU_LOW_PRECISION_FP32") == nullptr;
 }
 
 }  // namespace bigmodel

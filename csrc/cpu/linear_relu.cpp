@@ -240,22 +240,6 @@ GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   return p;
 }
 
-// bfloat16 / half: torch's own GEMM in that dtype where the CPU has the arithmetic for it
-// (AVX512 level with avx512_bf16 or AMX-BF16; avx512_fp16 or AMX-FP16) and it measured faster
-// than float blocks; elsewhere its fallback ran at 1.3 GFLOP/s (53 ms at 1024x784->512 on an
-// AVX2 EPYC, 6x torch's fp32), so the engine converts to float and rounds once at the end.
-bool native_low_precision_gemm(at::ScalarType dtype) {
-  if (cpu_level() != CpuLevel::kAvx512) return false;
-  static const auto caps = at::cpu::get_cpu_capabilities();
-  auto has = [&](const char* key) {
-    const auto it = caps.find(key);
-    return it != caps.end() && it->second.isBool() && it->second.toBool();
-  };
-  const bool native = dtype == at::kBFloat16 ? has("avx512_bf16") || has("amx_bf16")
-                                             : has("avx512_fp16") || has("amx_fp16");
-  return native && std::getenv("BIGMODEL_CPU_LOW_PRECISION_FP32") == nullptr;
-}
-
 at::Tensor detached(const at::Tensor& t) { return t.detach(); }
 std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? std::optional<at::Tensor>(t->detach()) : std::nullopt;
@@ -336,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
   auto new_output = [&] { return empty_output({M, N}, input.options()); };
   if (M == 0 || N == 0) return {new_output(), want_pre ? new_output() : no_pre};
   const bool low = dtype == at::kBFloat16 || dtype == at::kHalf;
-  const bool widen = low && !native_low_precision_gemm(dtype);
+  const bool widen = low && !native_low_precision(dtype);
   // The GEMM's type: float for half and bfloat16 (converted once here), else the input's.
   auto widened = [&](const at::Tensor& t) { return widen ? t.to(at::kFloat) : t; };
   const at::Tensor x = widened(input), w = widened(weight);
@@ -498,7 +482,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
   const at::Tensor g = grad_output.detach().to(dtype).contiguous();
   const at::Tensor s = saved.detach().to(dtype).contiguous();
   const bool low = dtype == at::kBFloat16 || dtype == at::kHalf;
-  if (low && native_low_precision_gemm(dtype)) {
+  if (low && native_low_precision(dtype)) {
     // As eager computes it: dz (rounded once, as eager's activation backward rounds it) and three
     // GEMMs in the dtype, each accumulated in float and rounded once by torch's native kernels.
     // Whole tensors, not blocks: dW accumulated block by block would round between blocks.
