@@ -57,13 +57,15 @@ class LargeOutputAllocator final : public at::Allocator {
   }
 
  private:
+  // Never destroyed: a tensor freed during process exit, after static destructors ran, must
+  // still find them.
   static std::mutex& lock() {
-    static std::mutex m;
-    return m;
+    static auto* m = new std::mutex;
+    return *m;
   }
   static std::vector<Block*>& cached() {
-    static std::vector<Block*> blocks;
-    return blocks;
+    static auto* blocks = new std::vector<Block*>;
+    return *blocks;
   }
   static size_t& cached_bytes() {
     static size_t bytes = 0;
