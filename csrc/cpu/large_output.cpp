@@ -94,7 +94,7 @@ class LargeOutputAllocator final : public at::Allocator {
   }
   static void release(void* ctx) {
     Block* block = static_cast<Block*>(ctx);
-    if (caching()) {
+    if (caching() && block->bytes <= kCacheBytes) {  // a block above the cap evicts nothing
       std::lock_guard<std::mutex> guard(lock());
       auto& blocks = cached();
       // Oldest blocks out first until this one fits under the cap.
@@ -105,11 +105,9 @@ class LargeOutputAllocator final : public at::Allocator {
         std::free(old->data);
         delete old;
       }
-      if (cached_bytes() + block->bytes <= kCacheBytes) {
-        blocks.push_back(block);
-        cached_bytes() += block->bytes;
-        return;
-      }
+      blocks.push_back(block);
+      cached_bytes() += block->bytes;
+      return;
     }
     std::free(block->data);
     delete block;
