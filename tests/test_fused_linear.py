@@ -68,6 +68,14 @@ def test_matches_float64_reference(path, dtype, act):
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)
+def test_cpp_blocked_outputs_match_float64(act):
+    """Outputs of 32 MB and more take the engine's blocked path (its epilogue per GEMM tile, or at
+    DEFAULT per finished block for the transcendental ones), forward and backward. K = 3 keeps
+    the GEMMs cheap; 8704 x 1024 fp32 is 34 MB."""
+    _check("cpp", *_inputs(8704, 3, 1024, torch.float32, True), act, "blocked 34 MB")
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)
 @pytest.mark.parametrize("path", ["cpp", "triton", "reference"])
 def test_nd_strided_and_empty_inputs(path, act):
     _, w, b = _inputs(1, 33, 17, torch.float32)
