@@ -50,7 +50,7 @@ class LinearAct:
     torch_fused: Optional[Callable] = None  # torch's own fused form (torch-addmm_act; fwd only)
 
 
-def _fused(activation, **kw):
+def _fused(activation, op=None, **kw):
     # bigmodel.fused_linear with one activation, and its eager twin act(F.linear(x, W, b)).
     torch_act = {"gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
                  "leaky_relu": F.leaky_relu}[activation]
@@ -61,12 +61,18 @@ def _fused(activation, **kw):
     def eager(x, w, b):
         return torch_act(F.linear(x, w, b), **kw)
 
-    return LinearAct(f"linear_{activation}", ours, eager)
+    return LinearAct(op or f"linear_{activation}", ours, eager)
 
 
 OPS = {"linear_relu": LinearAct("linear_relu", bigmodel.linear_relu, _eager, _addmm_act),
-       **{f"linear_{a}": _fused(a) for a in ("gelu", "silu", "tanh", "sigmoid", "leaky_relu")}}
+       **{f"linear_{a}": _fused(a) for a in ("gelu", "silu", "tanh", "sigmoid", "leaky_relu")},
+       # GELU's tanh approximation: the one cuBLASLt fuses (GELU_AUX_BIAS); GPU runs only, the
+       # CPU engine's GELU rows are linear_gelu's.
+       "linear_gelu_tanh": _fused("gelu", "linear_gelu_tanh", approximate="tanh")}
 OP = "linear_relu"
+GPU_ONLY = ("linear_gelu_tanh",)
+# The ops the 'cublaslt' backend runs (bigmodel.backend): ReLU, and GELU's tanh approximation.
+CUBLASLT_OPS = ("linear_relu", "linear_gelu_tanh")
 # The rest of the family (bigmodel.fused_linear) on issue 14's shapes only: the seed MLP layer
 # at a large batch and a Transformer FFN up-projection; their GEMMs are linear_relu's sweep.
 FUSED_SHAPES = [(4096, 784, 512), (16384, 256, 1024)]
@@ -89,6 +95,8 @@ def _bound_addmm(inputs, seed):
 def _providers(spec, device, mode, quick):
     out = []
     for name in bigmodel_backends(device):
+        if name == "cublaslt" and spec.op not in CUBLASLT_OPS:
+            continue  # no cuBLASLt epilogue for this activation: the backend raises for it
         ctx = lambda name=name: bigmodel.use_backend(name)  # noqa: E731
         out.append(op_provider(f"bigmodel-{name}", spec.bigmodel, mode, ctx))
     out.append(op_provider("torch-eager", spec.eager, mode))
@@ -158,7 +166,7 @@ def shapes(device, quick):
 def cases(device, modes, dtypes, quick=False, ops=(OP,)):
     """The sweep of ``shapes`` for each op of ``OPS`` named in ``ops``."""
     seen = {}
-    for op in (o for o in OPS if o in ops):
+    for op in (o for o in OPS if o in ops and (device.type == "cuda" or o not in GPU_ONLY)):
         groups = shapes(device, quick) if op == OP else [("issue", None, FUSED_SHAPES)]
         for family, x_key, group in groups:
             for M, K, N in group:

@@ -1,4 +1,4 @@
-"""Both ops, forward and backward, at small odd sizes: what bench/device_check.sh runs under
+"""Both ops (and cuBLASLt's fused_linear GELU on CUDA), forward and backward, at small odd sizes: what bench/device_check.sh runs under
 compute-sanitizer memcheck (and, in its dry run, on the CPU without it).
 
 python -m bench.memcheck_snippet [cuda|cpu]
@@ -20,6 +20,12 @@ def main(device):
             with bigmodel.use_backend(name):
                 bigmodel.linear_relu(x, w, b).sum().backward()
             ran.append(f"linear_relu {name} {dtype}")
+        if device == "cuda":  # cuBLASLt's GELU_AUX_BIAS path, and its fallback (N = 33 is odd)
+            for n in (33, 40):
+                wn, bn = torch.randn(n, 45, **opts), torch.randn(n, **opts)
+                with bigmodel.use_backend("cublaslt"):
+                    bigmodel.fused_linear(x, wn, bn, "gelu", approximate="tanh").sum().backward()
+                ran.append(f"fused_linear gelu-tanh cublaslt N={n} {dtype}")
         for causal in (False, True):
             q, k, v = (torch.randn(2, 3, n, 72, **opts) for n in (37, 53, 53))
             bigmodel.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()

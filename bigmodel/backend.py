@@ -10,9 +10,11 @@ Backends:
   ``triton``     the registered op on CUDA tensors (the Triton kernels, bigmodel.kernels); on CPU
                  tensors only while :func:`bigmodel.ops.triton_kernels_on_cpu` has registered
                  them for the CPU under ``TRITON_INTERPRET=1`` (how CI runs them).
-  ``cublaslt``   linear_relu only, CUDA tensors: the registered op's CUDA kernel runs cuBLASLt
-                 (csrc/cuda/) instead of Triton. Not what ``auto`` picks until it is measured on the
-                 H200.
+  ``cublaslt``   CUDA tensors, the linear ops cuBLASLt has an epilogue for: linear_relu
+                 (RELU_AUX_BIAS), fused_linear with activation None (BIAS) or GELU with
+                 approximate='tanh' (GELU_AUX_BIAS); the registered op's CUDA kernel runs cuBLASLt
+                 (csrc/cuda/) instead of Triton. Not what ``auto`` picks until it is measured on
+                 the H200.
   ``reference``  plain PyTorch (bigmodel.reference), what the tests trust; no registered op.
 
 Chosen by the ``BIGMODEL_BACKEND`` environment variable or the :func:`use_backend` context
@@ -64,22 +66,41 @@ def current():
     return _check_name(raw.strip().lower() or "auto", "BIGMODEL_BACKEND")
 
 
-@contextlib.contextmanager
-def use_backend(name):
+class use_backend(contextlib.ContextDecorator):
     """Run bigmodel ops with backend ``name`` inside the block (this thread or asyncio task only).
 
-    ``name`` is one of ``'auto'``, ``'cpp'``, ``'triton'``, ``'cublaslt'``, ``'reference'``.
+    ``name`` is one of ``'auto'``, ``'cpp'``, ``'triton'``, ``'cublaslt'``, ``'reference'``; an
+    unknown name raises ValueError at once. Blocks nest (the innermost wins), and the object
+    also decorates a function (each call runs under the backend).
 
     Example::
 
         >>> with bigmodel.use_backend("reference"):
         ...     y = bigmodel.linear_relu(x, w, b)
     """
-    token = _override.set(_check_name(name, "bigmodel.use_backend"))
-    try:
-        yield
-    finally:
-        _override.reset(token)
+
+    # A class, not a @contextmanager generator: entered around every call of a small layer (the
+    # bench does), the generator's frame cost ~12 us a call at 1024x256->10 against ~1 us here.
+
+    def __init__(self, name):
+        self._name = _check_name(name, "bigmodel.use_backend")
+        self._tokens = []  # one per open block of this object (re-entered: nested)
+
+    def __enter__(self):
+        self._tokens.append(_override.set(self._name))
+        return self
+
+    def __exit__(self, *exc):
+        _override.reset(self._tokens.pop())
+        return False
+
+    def _recreate_cm(self):
+        # As a decorator, a fresh block per call: concurrent calls of the function in several
+        # threads must not share one token list.
+        return use_backend(self._name)
+
+    def __repr__(self):
+        return f"bigmodel.use_backend({self._name!r})"
 
 
 def triton_interpreted():
@@ -92,7 +113,8 @@ def resolve(device, where, triton_on_cpu=False, cublaslt=False):
     run there.
 
     ``where`` names the public function in errors; ``triton_on_cpu`` says whether the Triton
-    kernels are registered for CPU tensors now; ``cublaslt`` whether the op has that backend.
+    kernels are registered for CPU tensors now; ``cublaslt`` whether the call has that backend
+    (its op, and for fused_linear its activation).
     """
     name = current()
     kind = device.type
@@ -110,7 +132,9 @@ def resolve(device, where, triton_on_cpu=False, cublaslt=False):
             f"imported; got {kind} tensors"
         )
     if name == "cublaslt" and not cublaslt:
-        raise RuntimeError(f"{where}: the 'cublaslt' backend runs bigmodel.linear_relu only")
+        raise RuntimeError(f"{where}: the 'cublaslt' backend runs bigmodel.linear_relu, and "
+                           f"bigmodel.fused_linear with activation None, 'relu' or 'gelu' "
+                           f"(approximate='tanh'), only")
     if name == "cublaslt" and kind != "cuda":
         raise RuntimeError(f"{where}: the 'cublaslt' backend runs on CUDA tensors; got {kind} tensors")
     if kind not in ("cpu", "cuda"):

@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 
 #if BIGMODEL_WITH_CUDA
+#include "cuda/fused_linear_cublaslt.h"
 #include "cuda/linear_relu_cublaslt.h"
 #endif
 
@@ -51,5 +52,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "relu(input @ weight^T + bias) by one cuBLASLt GEMM with a bias+ReLU epilogue");
   m.def("cublaslt_linear_relu_backward", &bigmodel::cublaslt::linear_relu_backward,
         "(dx, dw, db) of linear_relu from the saved output, cuBLASLt GEMMs");
+  // And those of bigmodel::fused_linear, for the activations cuBLASLt has an epilogue for.
+  m.def("cublaslt_fused_linear_runs", &bigmodel::cublaslt::fused_linear_runs,
+        "Whether the cuBLASLt functions take this activation ('none', 'gelu_tanh')");
+  m.def("cublaslt_fused_linear", &bigmodel::cublaslt::fused_linear_forward,
+        "(out, pre) of fused_linear by one cuBLASLt GEMM with a GELU_AUX_BIAS or BIAS epilogue");
+  m.def("cublaslt_fused_linear_backward", &bigmodel::cublaslt::fused_linear_backward,
+        "(dx, dw, db) of fused_linear from the saved pre-activation, cuBLASLt GEMMs");
 #endif
 }

@@ -175,3 +175,26 @@ def test_asyncio_tasks_do_not_restore_each_others_choice():
     before = backend.current()
     (a, b), after = asyncio.run(main())
     assert (a, b, after) == ("reference", "cpp", before)
+
+
+def test_use_backend_nests_reenters_and_decorates():
+    """The innermost block wins and leaving it restores the outer one; one object entered twice
+    (nested) unwinds in order; as a decorator each call runs under the backend."""
+    before = backend.current()
+    outer, inner = bigmodel.use_backend("reference"), bigmodel.use_backend("cpp")
+    with outer:
+        assert backend.current() == "reference"
+        with inner:
+            assert backend.current() == "cpp"
+            with outer:
+                assert backend.current() == "reference"
+            assert backend.current() == "cpp"
+        assert backend.current() == "reference"
+    assert backend.current() == before
+
+    @bigmodel.use_backend("reference")
+    def seen():
+        return backend.current()
+
+    assert seen() == "reference" and seen() == "reference"
+    assert backend.current() == before

@@ -92,19 +92,15 @@ def test_nd_strided_and_empty_inputs(path, act):
                                                       name, slope, approx))
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
-@pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)
-@pytest.mark.parametrize("path,dtype", PATHS, ids=str)
-def test_nan_and_inf_as_torch(path, dtype, act):
-    """NaN in a row reaches exactly that row; +-inf pre-activations give what torch's function
-    gives in float64 (tanh(inf) = 1, sigmoid(-inf) = 0, gelu(-inf) = NaN as -inf * 0). One
-    difference from torch's own 16/32-bit kernels: GELU(+inf) is +inf, as torch gives it in
-    float64 and fp16, where its fp32 and bf16 kernels give NaN."""
+def _nan_and_inf_case(path, dtype, act, device="cpu"):
+    """NaN in a row reaches exactly that row; +-inf pre-activations give what the float64
+    reference gives."""
     name, slope, approx = act
     x, w = torch.randn(30, 16).to(dtype), torch.randn(12, 16).to(dtype)
     x[3, 5] = float("nan")
     x[4, 2], x[7, 1] = float("inf"), float("-inf")
     w[9, 2] = 0.0
+    x, w = x.to(device), w.to(device)
     with on(path):
         y = bigmodel.fused_linear(x, w, None, name, slope, approx)
     ref = ref_fused_linear(x.double(), w.double(), None, name, slope, approx)
@@ -113,6 +109,16 @@ def test_nan_and_inf_as_torch(path, dtype, act):
     finite = torch.isfinite(ref)
     assert torch.equal(y.double()[~finite & ~ref.isnan()], ref[~finite & ~ref.isnan()])
     assert torch.isnan(y[3]).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)
+@pytest.mark.parametrize("path,dtype", PATHS, ids=str)
+def test_nan_and_inf_as_torch(path, dtype, act):
+    """As _nan_and_inf_case: tanh(inf) = 1, sigmoid(-inf) = 0, gelu(-inf) = NaN as -inf * 0.
+    One difference from torch's own 16/32-bit kernels: GELU(+inf) is +inf, as torch gives it in
+    float64 and fp16, where its fp32 and bf16 kernels give NaN."""
+    _nan_and_inf_case(path, dtype, act)
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)
@@ -148,6 +154,13 @@ def test_torch_compile_fullgraph_and_autocast(act):
 
 _X, _W = torch.randn(3, 4), torch.randn(5, 4)
 FL = bigmodel.fused_linear
+
+
+def _under(name, fn, *args):
+    with bigmodel.use_backend(name):
+        return fn(*args)
+
+
 ERROR_CASES = {  # docs/errors.md's fl- rows: (call, the argument the message names, needs CUDA)
     "fl-activation": (lambda mp: FL(_X, _W, None, "swish"), "activation", False),
     "fl-approximate": (lambda mp: FL(_X, _W, None, "gelu", approximate="erf"), "approximate", False),
@@ -156,6 +169,9 @@ ERROR_CASES = {  # docs/errors.md's fl- rows: (call, the argument the message na
     "fl-dtype": (lambda mp: FL(_X, _W, torch.randn(5, dtype=torch.float64), "silu"), "bias", False),
     "fl-op-activation": (lambda mp: torch.ops.bigmodel.fused_linear(_X, _W, None, "swish", 0.0), "swish", False),
     "fl-module-activation": (lambda mp: bigmodel.nn.FusedLinear(4, 5, activation="swish"), "activation", False),
+    "fl-cublaslt-activation": (lambda mp: _under("cublaslt", FL, _X, _W, None, "silu"), "activation", False),
+    "fl-cublaslt-op-activation": (lambda mp: _under("cublaslt", torch.ops.bigmodel.fused_linear, _X.cuda(),
+                                                    _W.cuda(), None, "silu", 0.0), "silu", True),
 }
 
 
@@ -200,3 +216,77 @@ class TestFusedLinear:
         relu = bigmodel.nn.FusedLinearReLU.from_linear(linear)
         assert type(relu) is bigmodel.nn.FusedLinearReLU and relu.weight is linear.weight
         assert torch.equal(relu(torch.ones(2, 4)), F.relu(linear(torch.ones(2, 4))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The 'cublaslt' backend on the H200 (bench/device_check.sh): cuBLASLt's GELU_AUX_BIAS and BIAS
+# epilogues (csrc/cuda/fused_linear_cublaslt.cu) for the activations it fuses.
+
+CUBLASLT_ACTIVATIONS = [(None, 0.01, "none"), ("gelu", 0.01, "tanh")]
+CUBLASLT_IDS = ["none", "gelu-tanh"]
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _cuda(x, w, b):
+    return [t.detach().cuda().requires_grad_() if t is not None else None for t in (x, w, b)]
+
+
+@pytest.fixture
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fused", [True, False], ids=["epilogue", "fallback"])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("act", CUBLASLT_ACTIVATIONS, ids=CUBLASLT_IDS)
+def test_cuda_cublaslt_matches_float64_reference(act, dtype, fused, monkeypatch, _no_tf32):
+    """Output, gradients and the saved pre-activation against float64, at odd and real sizes
+    (N = 7 and 113: GELU's auxiliary output needs N % 8 == 0, so those take the fallback even
+    with the epilogue on), x transposed too, K = 0; the fallback forced by
+    BIGMODEL_CUBLASLT_EPILOGUE=0."""
+    if not fused:
+        monkeypatch.setenv("BIGMODEL_CUBLASLT_EPILOGUE", "0")
+    name, slope, approx = act
+    for m, k, n in [(1, 1, 1), (7, 7, 7), (113, 1023, 7), (1023, 7, 113), (1023, 784, 512),
+                    (4096, 256, 1024), (64, 0, 24)]:
+        for bias in (True, False):
+            x, w, b = _cuda(*_inputs(m, k, n, dtype, bias))
+            _check("cublaslt", x, w, b, act, f"{(m, k, n)} bias={bias}")
+            xt = x.detach().t().contiguous().t().requires_grad_()
+            _check("cublaslt", xt, w, b, act, f"{(m, k, n)} bias={bias} transposed x")
+            if name == "gelu":
+                with bigmodel.use_backend("cublaslt"):
+                    pre = torch.ops.bigmodel.fused_linear(x.detach(), w.detach(), None if b is None else b.detach(),
+                                                          "gelu_tanh", slope)[1]
+                bias64 = None if b is None else b.detach().double()
+                z64 = F.linear(x.detach().double(), w.detach().double(), bias64)
+                peer = F.linear(x.detach(), w.detach(), None if b is None else b.detach())
+                assert_matches(pre, peer, z64, FORWARD, f"cublaslt {(m, k, n)} pre")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("act", CUBLASLT_ACTIVATIONS, ids=CUBLASLT_IDS)
+def test_cuda_cublaslt_nan_and_inf(act, dtype):
+    _nan_and_inf_case("cublaslt", dtype, act, device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_cublaslt_opcheck_and_compile():
+    torch._dynamo.reset()
+    with bigmodel.use_backend("cublaslt"):
+        for op_name in ("none", "gelu_tanh"):
+            for x, w, b in [_cuda(*_inputs(7, 5, 3, torch.float32)), _cuda(*_inputs(113, 64, 128, torch.float16)),
+                            _cuda(*_inputs(0, 5, 3, torch.bfloat16))]:
+                torch.library.opcheck(torch.ops.bigmodel.fused_linear.default, (x, w, b, op_name, 0.0))
+        x, w, b = _cuda(*_inputs(64, 32, 48, torch.float32))
+        fn = lambda x, w, b: bigmodel.fused_linear(x, w, b, "gelu", approximate="tanh").sum()  # noqa: E731
+        (gx,) = torch.autograd.grad(torch.compile(fn, fullgraph=True)(x, w, b), x)
+        (gx_eager,) = torch.autograd.grad(fn(x, w, b), x)
+        torch.testing.assert_close(gx, gx_eager)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert bigmodel.fused_linear(x, w, b, "gelu", approximate="tanh").dtype == torch.bfloat16

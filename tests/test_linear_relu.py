@@ -748,6 +748,13 @@ def test_extension_carries_sm90_code_for_the_cublaslt_backend():
     elves = subprocess.run([tool, "--list-elf", so], capture_output=True, text=True, check=True).stdout
     assert "sm_90" in elves, f"no sm_90 cubin in {so}:\n{elves}"
     usage = subprocess.run([tool, "--dump-resource-usage", so], capture_output=True, text=True, check=True).stdout
-    for kernel in ("row_absmax_kernel", "nan_fixup_kernel", "relu_output_grad_kernel", "bias_relu_mask_kernel"):
+    for kernel in ("row_absmax_kernel", "nan_fixup_kernel", "relu_output_grad_kernel", "bias_relu_mask_kernel",
+                   "bias_act_kernel", "gelu_tanh_grad_kernel"):  # the last two: fused_linear's (GELU)
         assert kernel in usage, f"{kernel} missing from the extension's device code"
-    assert hasattr(_registry._C, "cublaslt_linear_relu") and hasattr(_registry._C, "cublaslt_linear_relu_backward")
+    for entry in ("cublaslt_linear_relu", "cublaslt_linear_relu_backward", "cublaslt_fused_linear",
+                  "cublaslt_fused_linear_backward"):
+        assert hasattr(_registry._C, entry), f"bigmodel._C has no {entry}"
+    # The activations the C++ side takes are the ones the Python side routes to it.
+    from bigmodel.ops.fused_linear import CUBLASLT_ACTIVATIONS, _OP_NAMES
+    for name in ["gelu", "gelu_tanh", *_OP_NAMES.values()]:
+        assert _registry._C.cublaslt_fused_linear_runs(name) == (name in CUBLASLT_ACTIVATIONS), name

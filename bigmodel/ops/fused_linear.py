@@ -3,7 +3,8 @@ public function.
 
 The schema is in csrc/bigmodel.cpp, the CPU kernel in csrc/cpu/fused_linear.cpp and autograd in
 csrc/autograd/fused_linear.cpp; this file adds the fake (meta) kernels, autocast, the CUDA kernel
-(Triton, kernels/linear_relu.py's activation epilogues) and :func:`fused_linear`, which maps
+(Triton, kernels/linear_relu.py's activation epilogues; under the 'cublaslt' backend
+cuBLASLt's GELU_AUX_BIAS / BIAS epilogues for 'gelu_tanh' and 'none') and :func:`fused_linear`, which maps
 F.linear's contract onto the 2-D op. ReLU goes to bigmodel::linear_relu, the same family with a
 schema of its own (kept for its name and its smaller saved state).
 
@@ -26,6 +27,9 @@ _WHERE = "bigmodel.fused_linear"
 ACTIVATIONS = (None, "relu", "leaky_relu", "gelu", "silu", "tanh", "sigmoid")
 # The op's activation names: gelu's approximation is part of the name.
 _OP_NAMES = {None: "none", "leaky_relu": "leaky_relu", "silu": "silu", "tanh": "tanh", "sigmoid": "sigmoid"}
+# The op's activations the 'cublaslt' backend runs (csrc/cuda/fused_linear_cublaslt.cu: the
+# GELU_AUX_BIAS and BIAS epilogues; ReLU is bigmodel::linear_relu's RELU_AUX_BIAS).
+CUBLASLT_ACTIVATIONS = ("none", "gelu_tanh")
 
 
 def _triton():
@@ -79,7 +83,8 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
     flat = input.dim() == 2
     # M spelled out: reshape(-1, 0) is ambiguous. 2-D input as it is (a reshape costs ~4 us).
     x = input if flat else input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
-    if backend.resolve(x.device, _WHERE, _registry.triton_on_cpu(), cublaslt=True) == "reference":
+    if backend.resolve(x.device, _WHERE, _registry.triton_on_cpu(), cublaslt=name in CUBLASLT_ACTIVATIONS) \
+            == "reference":
         out = ref_fused_linear(x, weight, bias, activation, negative_slope, approximate)
     else:
         _registry.require_ops()
@@ -107,10 +112,15 @@ def _fake_backward(grad_output, output, pre, input, weight, activation, negative
 
 
 def _cuda_forward(input, weight, bias, activation, negative_slope):
+    if backend.current() == "cublaslt":  # raises for an activation cuBLASLt has no epilogue for
+        return tuple(_registry._C.cublaslt_fused_linear(input, weight, bias, activation))
     return _triton().fused_linear_fwd(input, weight, bias, activation, negative_slope)
 
 
 def _cuda_backward(grad_output, output, pre, input, weight, activation, negative_slope, output_mask):
+    if backend.current() == "cublaslt":
+        return tuple(_registry._C.cublaslt_fused_linear_backward(grad_output, pre, input, weight, activation,
+                                                                 list(output_mask)))
     return _triton().fused_linear_bwd(grad_output, output, pre, input, weight, activation, negative_slope,
                                       list(output_mask))
 
