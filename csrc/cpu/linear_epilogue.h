@@ -6,6 +6,7 @@
 // activation is one more Activation::Kind and one more functor in linear_epilogue_kernel.h.
 #pragma once
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -29,7 +30,8 @@ inline bool derivative_reads_pre(const Activation& act) {
          (act.kind == Activation::kLeakyReLU && act.negative_slope < 0);
 }
 
-// One set per CPU capability. forward: y[0:n] = act(z[0:n]) (z and y may be the same memory
+// One set per CPU capability. add_rows: acc[0:n] += the sum of `rows` rows of x (width n,
+// contiguous), row after row. forward: y[0:n] = act(z[0:n]) (z and y may be the same memory
 // when they share a type); from float into half or bfloat16 also pre[0:n] = z rounded, unless
 // pre is null. backward: dz[0:n] = dy[0:n] * act'(saved[0:n]), in float (double for double)
 // reading half and bfloat16 directly, or in their own type (native GEMMs).
@@ -57,6 +59,8 @@ inline bool derivative_reads_pre(const Activation& act) {
                 at::BFloat16* dz, int64_t n);                                                      \
   void backward(const Activation& act, const at::Half* dy, const at::Half* saved, at::Half* dz,    \
                 int64_t n);                                                                        \
+  void add_rows(const float* x, int64_t rows, int64_t n, float* acc);                              \
+  void add_rows(const double* x, int64_t rows, int64_t n, double* acc);                            \
   }
 BIGMODEL_LINEAR_EPILOGUE_DECLARE(DEFAULT)
 BIGMODEL_LINEAR_EPILOGUE_DECLARE(AVX2)
@@ -120,6 +124,38 @@ void epilogue_backward(const Activation& act, const in_t* dy, const in_t* saved,
     const int64_t o = a * n, c = (b - a) * n;
     BIGMODEL_EPILOGUE_AT_LEVEL(level, backward, act, dy + o, saved + o, dz + o, c)
   });
+}
+
+// Rows per partial column sum of the fused bias gradient: fixed, so db's summation order (and
+// its bits) depends on the shape alone, not on the thread count.
+constexpr int64_t kBiasGradRows = 64;
+
+// dz over `rows` rows of width n as epilogue_backward computes it, and db[0:n] = the column sums
+// of dz from the same pass, while each chunk of rows is still in cache: eager's separate
+// grad.sum(0) re-reads dz from memory. Each chunk of kBiasGradRows rows sums into its own partial
+// row, and the partials are added in chunk order.
+template <typename in_t, typename acc_t>
+void epilogue_backward_db(const Activation& act, const in_t* dy, const in_t* saved, acc_t* dz,
+                          acc_t* db, int64_t rows, int64_t n) {
+  const CpuLevel level = cpu_level();
+  const int64_t chunks = (rows + kBiasGradRows - 1) / kBiasGradRows;
+  std::vector<acc_t> partial(chunks * n, acc_t(0));
+  const int64_t grain = std::max<int64_t>(1, kEpilogueGrain / std::max<int64_t>(n * kBiasGradRows, 1));
+  auto add_rows = [&](const acc_t* x, int64_t count, acc_t* acc) {
+    BIGMODEL_EPILOGUE_AT_LEVEL(level, add_rows, x, count, n, acc)
+  };
+  auto chunk_dz = [&](int64_t o, int64_t c) {
+    BIGMODEL_EPILOGUE_AT_LEVEL(level, backward, act, dy + o, saved + o, dz + o, c)
+  };
+  at::parallel_for(0, chunks, grain, [&](int64_t a, int64_t b) {
+    for (int64_t c = a; c < b; ++c) {
+      const int64_t r0 = c * kBiasGradRows, count = std::min(kBiasGradRows, rows - r0);
+      chunk_dz(r0 * n, count * n);
+      add_rows(dz + r0 * n, count, partial.data() + c * n);
+    }
+  });
+  std::fill(db, db + n, acc_t(0));
+  add_rows(partial.data(), chunks, db);
 }
 
 #undef BIGMODEL_EPILOGUE_AT_LEVEL

@@ -450,6 +450,44 @@ void backward_low(const F& f, const low_t* dy, const low_t* saved, low_t* dz, in
   }
 }
 
+// acc[j] += sum over the rows of x[r][j], one row after another (the order fixes the bits).
+template <typename T>
+void add_rows_impl(const T* x, int64_t rows, int64_t n, T* acc) {
+  int64_t j = 0;
+  if constexpr (kVector) {
+    using V = Vectorized<T>;
+    constexpr int64_t W = V::size();
+    for (; j + 4 * W <= n; j += 4 * W) {  // 4 columns of vectors: 4 independent chains
+      V s0 = V::loadu(acc + j), s1 = V::loadu(acc + j + W), s2 = V::loadu(acc + j + 2 * W),
+        s3 = V::loadu(acc + j + 3 * W);
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* row = x + r * n + j;
+        s0 = s0 + V::loadu(row);
+        s1 = s1 + V::loadu(row + W);
+        s2 = s2 + V::loadu(row + 2 * W);
+        s3 = s3 + V::loadu(row + 3 * W);
+      }
+      s0.store(acc + j);
+      s1.store(acc + j + W);
+      s2.store(acc + j + 2 * W);
+      s3.store(acc + j + 3 * W);
+    }
+    for (; j + W <= n; j += W) {
+      V s = V::loadu(acc + j);
+      for (int64_t r = 0; r < rows; ++r) s = s + V::loadu(x + r * n + j);
+      s.store(acc + j);
+    }
+  }
+  // The tail, and at DEFAULT the whole row: plain loops over a row, which GCC vectorises.
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * n;
+    for (int64_t c = j; c < n; ++c) acc[c] += row[c];
+  }
+}
+
+void add_rows(const float* x, int64_t rows, int64_t n, float* acc) { add_rows_impl(x, rows, n, acc); }
+void add_rows(const double* x, int64_t rows, int64_t n, double* acc) { add_rows_impl(x, rows, n, acc); }
+
 // One switch per activation: `call` runs with `f`, the functor of act.
 #define BIGMODEL_EPILOGUE_CASE(kind, functor, call) \
   case Activation::kind: {                          \

@@ -428,6 +428,18 @@ void dz_rows(const Activation& act, const at::Tensor& grad, const at::Tensor& sa
   });
 }
 
+// dz as dz_rows computes it over all M rows, and db = its column sums from the same pass
+// (epilogue_backward_db). dz is float or double.
+void dz_and_db(const Activation& act, const at::Tensor& grad, const at::Tensor& saved,
+               const at::Tensor& dz, const at::Tensor& db) {
+  const int64_t M = grad.size(0), N = grad.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "linear_dz_db", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    epilogue_backward_db(act, grad.data_ptr<scalar_t>(), saved.data_ptr<scalar_t>(),
+                         dz.data_ptr<acc_t>(), db.data_ptr<acc_t>(), M, N);
+  });
+}
+
 // Without an activation dz is grad_output itself wherever it is already in the compute type.
 bool dz_is_grad(const Activation& act, const at::Tensor& grad, at::ScalarType compute) {
   return act.kind == Activation::kNone && grad.scalar_type() == compute;
@@ -451,11 +463,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     // linear_act_forward): the grid of single-threaded MKL tiles ran 0.84-0.95x that call on 2
     // cores (1024x256->10 bwd: 0.76x eager with dX on oneDNN and dW on the grid, native AVX2
     // EPYC). Their results then follow MKL's partition, as eager's do.
+    //
+    // db: with an activation, summed in the pass that writes dz (its chunks still in cache)
+    // instead of eager's separate dz.sum(0) over memory; without one, dz is grad and its sum
+    // torch's.
     at::Tensor dz = pass_grad ? grad : at::empty({M, N}, opts);
-    if (!pass_grad) dz_rows(act, grad, saved, 0, M, dz);
+    at::Tensor db = need_db && !pass_grad ? at::empty({N}, opts) : at::Tensor();
+    if (db.defined()) {
+      dz_and_db(act, grad, saved, dz, db);
+    } else if (!pass_grad) {
+      dz_rows(act, grad, saved, 0, M, dz);
+    }
     return {need_dx ? (p.dx ? onednn_mm_bt(dz, weight.t()) : at::mm(dz, weight)) : none(),
             need_dw ? (p.dw ? onednn_mm_bt(dz.t(), input.t()) : at::mm(dz.t(), input)) : none(),
-            need_db ? dz.sum(0) : none()};
+            need_db ? (db.defined() ? db : dz.sum(0)) : none()};
   }
   // Written by the first block, accumulated by the others (no zero-fill pass; M == 0 is zeros).
   at::Tensor dw = need_dw ? (M ? at::empty({N, K}, opts) : at::zeros({N, K}, opts)) : none();
