@@ -5,7 +5,10 @@ its rivals don't get.
 GPU: CUDA events around each call, with a 256 MB buffer zeroed before every call to evict
 the L2 (what triton.testing.do_bench does), all events read after one synchronize.
 CPU: wall clock (perf_counter) around each call, garbage collection off while timing.
+A provider's context (bench.core.InContext: its backend) is entered around each sample, not
+timed with each call.
 """
+import contextlib
 import gc
 import math
 import time
@@ -23,6 +26,15 @@ def quantiles(samples):
         return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
     return q(0.5), q(0.2), q(0.8)
+
+
+def _context_and_calls(fns):
+    """(the context to enter around a sample, the calls to make inside it): a provider whose
+    calls all carry one context (bench.core.InContext) enters it once per sample."""
+    contexts = {getattr(f, "context", None) for f in fns}
+    if len(contexts) == 1 and None not in contexts:
+        return contexts.pop(), [f.bare for f in fns]
+    return contextlib.nullcontext, fns
 
 
 def _most(names, reps, caps):
@@ -52,6 +64,7 @@ class CpuTimer:
         most = _most(names, reps, caps)
         inner = {n: max(1, math.ceil(self.min_sample_s / max(estimates[n], 1e-9))) for n in names}
         samples = {n: [] for n in names}
+        prepared = {n: _context_and_calls(calls[n]) for n in names}
         was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -60,11 +73,12 @@ class CpuTimer:
                 for n in names[shift:] + names[:shift]:
                     if len(samples[n]) >= most[n]:
                         continue
-                    fns, k = calls[n], inner[n]
-                    t0 = time.perf_counter()
-                    for i in range(k):
-                        fns[(r * k + i) % len(fns)]()
-                    samples[n].append((time.perf_counter() - t0) / k)
+                    (context, fns), k = prepared[n], inner[n]
+                    with context():
+                        t0 = time.perf_counter()
+                        for i in range(k):
+                            fns[(r * k + i) % len(fns)]()
+                        samples[n].append((time.perf_counter() - t0) / k)
         finally:
             if was_enabled:
                 gc.enable()
@@ -94,17 +108,19 @@ class CudaTimer:
         names = list(calls)
         most = _most(names, reps, caps)
         events = {n: [] for n in names}
+        prepared = {n: _context_and_calls(calls[n]) for n in names}
         for r in range(reps):
             shift = r % len(names)
             for n in names[shift:] + names[:shift]:
                 if len(events[n]) >= most[n]:
                     continue
-                fns = calls[n]
+                context, fns = prepared[n]
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 self.flush_buf.zero_()
-                start.record()
-                fns[r % len(fns)]()
-                end.record()
+                with context():
+                    start.record()
+                    fns[r % len(fns)]()
+                    end.record()
                 events[n].append((start, end))
         self.sync()
         return {n: [s.elapsed_time(e) / 1e3 for s, e in ev] for n, ev in events.items()}
