@@ -255,6 +255,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_gemms(const char* op, co
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const at::ScalarType dtype = input.scalar_type();
   const auto opts = input.options();
+  if (M == 0 || N == 0) {  // empty sums: no GEMM to run
+    return {output_mask[0] ? at::zeros({M, K}, opts) : at::empty({0}, opts),
+            output_mask[1] ? at::zeros({N, K}, opts) : at::empty({0}, opts),
+            output_mask[2] ? at::zeros({N}, opts) : at::empty({0}, opts)};
+  }
   at::Tensor dx = at::empty({0}, opts), dw = at::empty({0}, opts), db = at::empty({0}, opts);
   const auto no_algorithm = [&](const char* which) {
     TORCH_CHECK_NOT_IMPLEMENTED(false, op, "cuBLASLt has no algorithm for ", which, " with input ",

@@ -112,8 +112,8 @@ struct LtGemm {
 
 // dX = dZ W, dW = dZ^T X (db = sum_m dZ from the dW GEMM's BGRADB epilogue where cuBLASLt has
 // one, else at::sum) for a linear layer with input (M, K), weight (N, K) and dz (M, N), all
-// CUDA, one dtype; gradients not in output_mask come back as empty tensors. `op` names the
-// caller in errors.
+// CUDA, one dtype; gradients not in output_mask come back as empty tensors, and for M or N = 0
+// the asked ones as zeros. `op` names the caller in errors.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradient_gemms(const char* op, const at::Tensor& dz,
                                                               const at::Tensor& input,
                                                               const at::Tensor& weight,

@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
   check_linear_inputs(op, input, weight, std::nullopt);
   check_activation(op, activation);
   const bool gelu = activation == "gelu_tanh";
-  const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
+  const int64_t M = input.size(0), N = weight.size(0);
   const at::ScalarType dtype = input.scalar_type();
   std::vector<const at::Tensor*> saved = {&grad_output};
   if (gelu) saved.push_back(&pre);
@@ -209,12 +209,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(
   }
   const auto opts = input.options();
   c10::cuda::CUDAGuard guard(input.device());
-  if (M == 0 || N == 0) {  // empty sums
-    return {output_mask[0] ? at::zeros({M, K}, opts) : at::empty({0}, opts),
-            output_mask[1] ? at::zeros({N, K}, opts) : at::empty({0}, opts),
-            output_mask[2] ? at::zeros({N}, opts) : at::empty({0}, opts)};
+  if (!gelu || M == 0 || N == 0) {  // dz = dy, or nothing to differentiate (zeros)
+    return gradient_gemms(op, grad_output.contiguous(), input, weight, output_mask);
   }
-  if (!gelu) return gradient_gemms(op, grad_output.contiguous(), input, weight, output_mask);
   const at::Tensor g = as_row_major(grad_output);
   const at::Tensor p = as_row_major(pre);
   // dZ materialised once: both gradient GEMMs read it as an operand.
