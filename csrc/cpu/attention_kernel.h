@@ -325,7 +325,7 @@ template <typename scalar_t, typename acc_t>
 struct PackedHead {
   int64_t b = -1, kvh = -1, upto = 0;  // keys [0, upto) of head (b, kvh) are packed
   int64_t S, E, Ev, BK;
-  std::vector<acc_t> k, vt, vn;
+  Buffer<acc_t> k, vt, vn;
 
   PackedHead(int64_t S_, int64_t E_, int64_t Ev_, int64_t BK_) : S(S_), E(E_), Ev(Ev_), BK(BK_) {}
 
@@ -350,6 +350,74 @@ struct PackedHead {
     upto = std::min(upto, S);
   }
 };
+
+// Tasks [0, total) over the threads, `chunk` at a time from a shared counter until none are
+// left: a core that runs slower (a busy neighbour on a shared machine) takes fewer. Static
+// ranges left the forward's main thread waiting ~6% of the run at the end barrier on the Xeon
+// (AVX2, 2 threads; torch's SDPA, on static ranges too, waited ~1%). body(next) is called once
+// per thread with next(t0, t1), which hands out the following range or returns false. Which
+// thread runs a task does not change its result.
+template <typename Body>
+void parallel_chunks(int64_t total, int64_t chunk, const Body& body) {
+  std::atomic<int64_t> cursor{0};
+  auto next = [&](int64_t& t0, int64_t& t1) {
+    t0 = cursor.fetch_add(chunk, std::memory_order_relaxed);
+    if (t0 >= total) return false;
+    t1 = std::min(total, t0 + chunk);
+    return true;
+  };
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { body(next); });
+}
+
+// exp(s - shift) for the softmax's shifted scores (s - max <= 0 in the forward, s - lse in the
+// backward), where most of the softmax's time goes (~14% of the forward at AVX2 on the Xeon, the
+// block products ~75%). At the vector levels in 14-15 vector operations against at::vec's
+// exp_u20's ~20: x = (s - shift) * log2(e), 2^x = 2^n * 2^r with n = round(x) (adding 1.5 * 2^23
+// leaves n in the low mantissa bits) and r in [-0.5, 0.5], 2^r by a degree-5 polynomial fitted
+// here (near-minimax on Chebyshev nodes: 2.3e-7 relative, 4 ulp in float; exp_u20 is 20 ulp).
+// x <= -127 (so -inf: a masked score) gives exactly 0, as the masks need: n + 127 = 0 is a zero
+// exponent field. NaN stays NaN: max / min return their second operand when one is NaN, and the
+// clamp puts x second. kMayExceedZero also clamps x to 127 (the backward's recomputed scores
+// against a saved lse); the forward's s - max cannot exceed 0. DEFAULT and double: exp_u20.
+template <bool kMayExceedZero, typename acc_t>
+inline Vectorized<acc_t> exp_shifted(const Vectorized<acc_t>& s, const Vectorized<acc_t>& shift) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.f;  // 1.5 * 2^23
+    constexpr float c0 = 1.0000001192092896f, c1 = 0.6931469440460205f, c2 = 0.24022120237350464f,
+                    c3 = 0.05550713464617729f, c4 = 0.009675540961325169f,
+                    c5 = 0.0013276452664285898f;
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 x = _mm512_mul_ps(_mm512_sub_ps(s, shift), _mm512_set1_ps(kLog2e));
+    __m512 t = _mm512_max_ps(_mm512_set1_ps(-127.f), x);
+    if constexpr (kMayExceedZero) t = _mm512_min_ps(_mm512_set1_ps(127.f), t);
+    const __m512 f = _mm512_add_ps(t, _mm512_set1_ps(kRound));
+    const __m512 r = _mm512_sub_ps(t, _mm512_sub_ps(f, _mm512_set1_ps(kRound)));
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(c5), r, _mm512_set1_ps(c4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c0));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(f), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+#else
+    const __m256 x = _mm256_mul_ps(_mm256_sub_ps(s, shift), _mm256_set1_ps(kLog2e));
+    __m256 t = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
+    if constexpr (kMayExceedZero) t = _mm256_min_ps(_mm256_set1_ps(127.f), t);
+    const __m256 f = _mm256_add_ps(t, _mm256_set1_ps(kRound));
+    const __m256 r = _mm256_sub_ps(t, _mm256_sub_ps(f, _mm256_set1_ps(kRound)));
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(c5), r, _mm256_set1_ps(c4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c0));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(f), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#endif
+  }
+#endif
+  return (s - shift).exp_u20();
+}
 
 // The online-softmax step for U column vectors (U * W queries from column r) of one block of
 // transposed scores st (n keys x mp queries, one query per column): per query, the running max
@@ -379,7 +447,7 @@ void softmax_cols_t(acc_t* st, int64_t n, int64_t mp, int64_t r, acc_t* rmax, ac
   for (int64_t c = 0; c < n; ++c) {
     acc_t* row = st + c * mp + r;
     for (int u = 0; u < U; ++u) {
-      const V e = (V::loadu(row + u * W) - sub[u]).exp_u20();
+      const V e = exp_shifted<false>(V::loadu(row + u * W), sub[u]);
       e.store(row + u * W);
       sum[u] = sum[u] + e;
     }
@@ -437,78 +505,85 @@ void forward_impl(const Args& a) {
   const Dropout drop(a);
   const std::vector<uint8_t> vnan = nan_columns(static_cast<const scalar_t*>(a.v), a.sv, B, a.Hkv, S, Ev);
 
-  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
+  // Chunks of a head's query blocks (the packed K and V are reused across a chunk), at least 16
+  // a thread so the last one's wait stays short.
+  const int64_t tasks = B * Hq * nqb;
+  const int64_t chunk = std::clamp<int64_t>(tasks / (16 * at::get_num_threads()), 1, nqb);
+  parallel_chunks(tasks, chunk, [&](auto& next) {
     // Per-thread scratch: the packed head, Q block (rows, then transposed), scores, output
     // accumulator (transposed), per-query stats.
     PackedHead<scalar_t, acc_t> kv(S, E, Ev, BK);
-    std::vector<acc_t> qs(BQ * E), qt(E * BQ), st(BK * BQ), ot(Ev * BQ), orows(BQ * Ev), rmax(BQ),
+    Buffer<acc_t> qs(BQ * E), qt(E * BQ), st(BK * BQ), ot(Ev * BQ), orows(BQ * Ev), rmax(BQ),
         rsum(BQ), alpha(BQ);
-    for (int64_t t = t0; t < t1; ++t) {
-      // Under causal, later query blocks cost more; zigzag order balances the threads' ranges.
-      const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq;
-      const int64_t qb = a.causal ? (t % nqb % 2 == 0 ? t % nqb / 2 : nqb - 1 - t % nqb / 2) : t % nqb;
-      const int64_t kvh = h / group;
-      const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0), mp = round_up(m, W);
-      const scalar_t* qbase = q + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
-      // Qs^T (E x mp): the scale is folded into Q once rather than applied to every score;
-      // columns m..mp are zero queries, computed and never stored.
-      load_block(qs.data(), E, qbase, a.sq[2], a.sq[3], m, m, E, scale);
-      transpose(qs.data(), E, qt.data(), mp, m, E);
-      for (int64_t e = 0; e < E; ++e) std::fill(qt.data() + e * mp + m, qt.data() + (e + 1) * mp, acc_t(0));
-      std::fill(rmax.begin(), rmax.end(), neg_inf<acc_t>());
-      std::fill(rsum.begin(), rsum.end(), acc_t(0));
-      const int64_t kend = a.causal ? std::min(S, i0 + m) : S;  // later keys are hidden to all rows
-      kv.ensure(a, b, kvh, kend);
-      if (kend == 0) std::fill(ot.begin(), ot.end(), acc_t(0));
-      // The first block's product writes O^T, so it needs neither a zeroed nor a rescaled one.
-      for (int64_t j0 = 0; j0 < kend; j0 += BK) {
-        const int64_t n = std::min(BK, kend - j0);
-        // S^T = K Qs^T (n x mp), masked, then its online softmax.
-        gemm(n, mp, E, kv.k_rows(j0), E, qt.data(), mp, st.data(), mp, false);
-        mask_scores_t(mk, a.causal, b, h, i0, m, j0, n, st.data(), mp, neg_inf<acc_t>(), true);
-        softmax_block_t(st.data(), n, mp, rmax.data(), rsum.data(), alpha.data(), j0 > 0 ? ot.data() : nullptr, Ev);
-        if (drop.on) {  // the normaliser uses every probability, the product only the kept ones
-          const acc_t inv = static_cast<acc_t>(drop.inv_keep);
-          for (int64_t c = 0; c < n; ++c) {
-            acc_t* row = st.data() + c * mp;
-            for (int64_t r = 0; r < m; ++r) {
-              row[r] = drop.keep(drop.row_base(b, h, i0 + r) + j0 + c) ? row[r] * inv : acc_t(0);
+    int64_t t0 = 0, t1 = 0;
+    while (next(t0, t1)) {
+      for (int64_t t = t0; t < t1; ++t) {
+        // Under causal, later query blocks cost more; zigzag order balances the threads' ranges.
+        const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq;
+        const int64_t qb = a.causal ? (t % nqb % 2 == 0 ? t % nqb / 2 : nqb - 1 - t % nqb / 2) : t % nqb;
+        const int64_t kvh = h / group;
+        const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0), mp = round_up(m, W);
+        const scalar_t* qbase = q + b * a.sq[0] + h * a.sq[1] + i0 * a.sq[2];
+        // Qs^T (E x mp): the scale is folded into Q once rather than applied to every score;
+        // columns m..mp are zero queries, computed and never stored.
+        load_block(qs.data(), E, qbase, a.sq[2], a.sq[3], m, m, E, scale);
+        transpose(qs.data(), E, qt.data(), mp, m, E);
+        for (int64_t e = 0; e < E; ++e) std::fill(qt.data() + e * mp + m, qt.data() + (e + 1) * mp, acc_t(0));
+        std::fill(rmax.begin(), rmax.end(), neg_inf<acc_t>());
+        std::fill(rsum.begin(), rsum.end(), acc_t(0));
+        const int64_t kend = a.causal ? std::min(S, i0 + m) : S;  // later keys are hidden to all rows
+        kv.ensure(a, b, kvh, kend);
+        if (kend == 0) std::fill(ot.begin(), ot.end(), acc_t(0));
+        // The first block's product writes O^T, so it needs neither a zeroed nor a rescaled one.
+        for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+          const int64_t n = std::min(BK, kend - j0);
+          // S^T = K Qs^T (n x mp), masked, then its online softmax.
+          gemm(n, mp, E, kv.k_rows(j0), E, qt.data(), mp, st.data(), mp, false);
+          mask_scores_t(mk, a.causal, b, h, i0, m, j0, n, st.data(), mp, neg_inf<acc_t>(), true);
+          softmax_block_t(st.data(), n, mp, rmax.data(), rsum.data(), alpha.data(), j0 > 0 ? ot.data() : nullptr, Ev);
+          if (drop.on) {  // the normaliser uses every probability, the product only the kept ones
+            const acc_t inv = static_cast<acc_t>(drop.inv_keep);
+            for (int64_t c = 0; c < n; ++c) {
+              acc_t* row = st.data() + c * mp;
+              for (int64_t r = 0; r < m; ++r) {
+                row[r] = drop.keep(drop.row_base(b, h, i0 + r) + j0 + c) ? row[r] * inv : acc_t(0);
+              }
             }
           }
+          // O^T += V^T P^T over the n real keys.
+          gemm(Ev, mp, n, kv.vt_block(j0), BK, st.data(), mp, ot.data(), mp, /*acc=*/j0 > 0);
         }
-        // O^T += V^T P^T over the n real keys.
-        gemm(Ev, mp, n, kv.vt_block(j0), BK, st.data(), mp, ot.data(), mp, /*acc=*/j0 > 0);
-      }
-      // O = O^T's columns times 1/sum (0 for a query that sees no key), back in rows.
-      for (int64_t r = 0; r < mp; ++r) alpha[r] = rsum[r] == acc_t(0) ? acc_t(0) : acc_t(1) / rsum[r];
-      for (int64_t e = 0; e < Ev; ++e) {
-        acc_t* row = ot.data() + e * mp;
-        for (int64_t r = 0; r < mp; r += W) (V::loadu(row + r) * V::loadu(alpha.data() + r)).store(row + r);
-      }
-      transpose(ot.data(), mp, orows.data(), Ev, Ev, m);
-      const uint8_t* nanc = vnan.data() + (b * a.Hkv + kvh) * Ev;
-      const bool nan_v = std::any_of(nanc, nanc + Ev, [](uint8_t f) { return f != 0; });
-      scalar_t* obase = out + ((b * Hq + h) * L + i0) * Ev;
-      for (int64_t r = 0; r < m; ++r) {
-        const acc_t* o = orows.data() + r * Ev;
-        scalar_t* dst = obase + r * Ev;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          if (!nan_v) {
-            std::copy(o, o + Ev, dst);
-            continue;
+        // O = O^T's columns times 1/sum (0 for a query that sees no key), back in rows.
+        for (int64_t r = 0; r < mp; ++r) alpha[r] = rsum[r] == acc_t(0) ? acc_t(0) : acc_t(1) / rsum[r];
+        for (int64_t e = 0; e < Ev; ++e) {
+          acc_t* row = ot.data() + e * mp;
+          for (int64_t r = 0; r < mp; r += W) (V::loadu(row + r) * V::loadu(alpha.data() + r)).store(row + r);
+        }
+        transpose(ot.data(), mp, orows.data(), Ev, Ev, m);
+        const uint8_t* nanc = vnan.data() + (b * a.Hkv + kvh) * Ev;
+        const bool nan_v = std::any_of(nanc, nanc + Ev, [](uint8_t f) { return f != 0; });
+        scalar_t* obase = out + ((b * Hq + h) * L + i0) * Ev;
+        for (int64_t r = 0; r < m; ++r) {
+          const acc_t* o = orows.data() + r * Ev;
+          scalar_t* dst = obase + r * Ev;
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            if (!nan_v) {
+              std::copy(o, o + Ev, dst);
+              continue;
+            }
+          }
+          for (int64_t e = 0; e < Ev; ++e) {
+            dst[e] = nanc[e] ? std::numeric_limits<scalar_t>::quiet_NaN() : static_cast<scalar_t>(o[e]);
           }
         }
-        for (int64_t e = 0; e < Ev; ++e) {
-          dst[e] = nanc[e] ? std::numeric_limits<scalar_t>::quiet_NaN() : static_cast<scalar_t>(o[e]);
+        // lse = max + log(sum); a query that sees no key gets +inf (exp(s - lse) = 0 in the backward).
+        float* lbase = a.lse + (b * Hq + h) * L + i0;
+        for (int64_t r = 0; r < m; ++r) {
+          const acc_t l = rsum[r];
+          const acc_t lse = l == acc_t(0) ? std::numeric_limits<acc_t>::infinity() : rmax[r] + std::log(l);
+          lbase[r] = static_cast<float>(lse);
+          if (a.lse64) a.lse64[(b * Hq + h) * L + i0 + r] = static_cast<double>(lse);
         }
-      }
-      // lse = max + log(sum); a query that sees no key gets +inf (exp(s - lse) = 0 in the backward).
-      float* lbase = a.lse + (b * Hq + h) * L + i0;
-      for (int64_t r = 0; r < m; ++r) {
-        const acc_t l = rsum[r];
-        const acc_t lse = l == acc_t(0) ? std::numeric_limits<acc_t>::infinity() : rmax[r] + std::log(l);
-        lbase[r] = static_cast<float>(lse);
-        if (a.lse64) a.lse64[(b * Hq + h) * L + i0 + r] = static_cast<double>(lse);
       }
     }
   });
@@ -647,7 +722,7 @@ struct Backward {
 
   // Per-thread block buffers.
   struct Scratch {
-    std::vector<acc_t> kn, kt, vn, st, dpt, pd, dkacc, dvacc, tmp;
+    Buffer<acc_t> kn, kt, vn, st, dpt, pd, dkacc, dvacc, tmp;
     explicit Scratch(const Backward& bw)
         : kn(BK * bw.E), kt(bw.E * BK), vn(BK * bw.Ev), st(BK * BQ), dpt(BK * BQ), pd(BK * BQ),
           dkacc(BK * bw.Ep), dvacc(BK * bw.Evp), tmp(std::max(bw.Ep, bw.Evp) * BQ) {}
@@ -672,7 +747,7 @@ struct Backward {
     for (int64_t c = 0; c < n; ++c) {
       acc_t* row = st + c * mp;
       for (int64_t r = 0; r < mp; r += W) {
-        (V::loadu(row + r) - V::loadu(hd.lse + i0 + r)).exp_u20().store(row + r);
+        exp_shifted<true>(V::loadu(row + r), V::loadu(hd.lse + i0 + r)).store(row + r);
       }
     }
     // dP^T = V dO^T (n x mp).
@@ -757,7 +832,7 @@ struct Backward {
   // Schedule 1: one task per (batch, key/value head).
   void run_per_head() const {
     at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> packed(group * per_head()), dqt(group * nqb * QT);
+      Buffer<acc_t> packed(group * per_head()), dqt(group * nqb * QT);
       std::vector<Head> heads(group);
       for (int64_t g = 0; g < group; ++g) heads[g] = view(packed.data() + g * per_head());
       Scratch sc(*this);
@@ -794,7 +869,7 @@ struct Backward {
   // used only when there are few heads), then dK/dV per key block and dQ per query block.
   void run_per_block() const {
     const int64_t ph = per_head();
-    std::vector<acc_t> packed(B * Hq * ph);
+    Buffer<acc_t> packed(B * Hq * ph);
     std::vector<Head> heads(B * Hq);
     for (int64_t t = 0; t < B * Hq; ++t) heads[t] = view(packed.data() + t * ph);
     at::parallel_for(0, B * Hq, 1, [&](int64_t t0, int64_t t1) {
@@ -822,7 +897,7 @@ struct Backward {
     });
     at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
       Scratch sc(*this);
-      std::vector<acc_t> dqt(QT);  // one block, as schedule 1's: the products match exactly
+      Buffer<acc_t> dqt(QT);  // one block, as schedule 1's: the products match exactly
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bh = t / nqb, b = bh / Hq, h = bh % Hq, qb = zigzag(t % nqb, nqb);
         const int64_t i0 = qb * BQ, m = std::min(BQ, L - i0), mp = round_up(m, W);
