@@ -284,8 +284,19 @@ def _own_plan(M, K, N):
             own.add("dx")
         if small and avx512 and M <= 4096 and K >= 512 and N * K >= 512 * 512:
             own.add("dw")
+    # A narrow forward (csrc/cpu/linear_narrow.h) is the engine's own dot products.
+    if _narrow_applies(K, N):
+        own.add("y")
     # db (the ReLU's dz summed in fixed chunks of rows as it is written) on every plan.
     return own | {"db"} if small else {"y", "dx", "dw", "db"}
+
+
+def _narrow_applies(K, N, dtype=torch.float32):
+    """Mirrors csrc/cpu/linear_narrow.h's narrow_applies: an fp32 forward with N <= 11 at AVX2,
+    <= 14 at AVX512, K >= 16."""
+    level = torch.backends.cpu.get_cpu_capability()
+    max_n = 14 if level.startswith("AVX512") else 11 if level == "AVX2" else 0
+    return dtype == torch.float32 and 0 < N <= max_n and K >= 16
 
 
 @pytest.mark.parametrize("shape", PLAN_SHAPES + [pytest.param((65536, 128, 128), id="blocked-32MB")], ids=str)
@@ -297,6 +308,26 @@ def test_cpp_thread_count_does_not_change_results(shape):
         for name, a, c in zip(("y", "dx", "dw", "db"), results[0], other):
             if name in own:
                 assert torch.equal(a, c), f"{name} with {n} threads differs from 1 thread at {shape}"
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 16, 1), (7, 17, 3), (33, 100, 10), (130, 31, 11), (64, 256, 14),
+                                   (5, 784, 5), (129, 255, 13)], ids=str)
+def test_cpp_narrow_forward_matches_float64(M, K, N):
+    """The narrow forward (N up to 11 / 14, its own dot products with a zero-filled tail of K):
+    odd M, K and N, a strided input, NaN in one input row reaching exactly that output row; the
+    backward is the usual one. Checked at whatever level runs (at DEFAULT it is MKL's GEMM)."""
+    x, w, b, g = _plan_inputs(M + 1, K + 3, N)
+    x = x.detach()[1:, 2:-1].requires_grad_()  # rows strided by K + 3: a view, not a copy
+    w = w.detach()[:, 2:-1].contiguous().requires_grad_()
+    g = g[1:]
+    y, dx, dw, db = _engine_grads(x, w, b, g)
+    assert_linear_relu_matches(y.detach(), x, w, b, g, {"x": dx, "w": dw, "b": db}, f"narrow {M}x{K}->{N}")
+    xn = x.detach().clone()
+    xn[M // 2, K // 3] = float("nan")
+    with bigmodel.use_backend("cpp"):
+        yn = bigmodel.linear_relu(xn, w.detach(), b.detach())
+    rows = torch.isnan(yn).any(1)
+    assert rows.nonzero().flatten().tolist() == [M // 2] and torch.isnan(yn[M // 2]).all()
 
 
 def test_cpp_blocked_32mb_matches_float64():

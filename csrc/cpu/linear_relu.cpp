@@ -28,6 +28,7 @@
 
 #include "large_output.h"
 #include "linear_act.h"
+#include "linear_narrow.h"
 
 #if AT_MKL_ENABLED()
 // MKL's C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the lowercase
@@ -335,6 +336,19 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(widened(*bias)) : std::nullopt;
   const auto compute = x.scalar_type();
+  if (compute == at::kFloat && M * N * 4 < kLargeOutputBytes && narrow_applies(M, K, N)) {
+    // A narrow layer (linear_narrow.h): the engine's own dot products, the bias in them, then
+    // the activation on the small output while it is in cache.
+    const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+    const at::Tensor wc = w.contiguous();
+    const at::Tensor bc = b.has_value() ? b->contiguous() : at::Tensor();
+    at::Tensor z = at::empty({M, N}, x.options());
+    narrow_forward(xc.data_ptr<float>(), xc.stride(0), wc.data_ptr<float>(),
+                   bc.defined() ? bc.data_ptr<float>() : nullptr, z.data_ptr<float>(), M, K, N);
+    at::Tensor out = want_pre ? at::empty_like(z) : z;
+    epilogue_into(act, z, out, at::Tensor());
+    return {out, want_pre ? z : no_pre};
+  }
   if (plan_gemms(compute, M, K, N).fwd) {
     const at::Tensor z = onednn_mm_bt(x, w, b);
     if (widen) {  // rounded once into y (and pre) while each chunk is in cache

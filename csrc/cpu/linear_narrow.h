@@ -1,0 +1,63 @@
+// The forward GEMM of a narrow layer (a few output features: a classifier's last Linear, the
+// seed MLP's 256 -> 10), z = x W^T + b, by the engine itself at the vector levels. MKL's sgemm
+// runs such shapes at about half its rate (1024x256->10: 67 GFLOP/s on one Xeon core capped
+// to AVX2, against 117 at 1024x784->512): its micro-kernel tiles the output in wide column
+// panels, mostly padding here. With N this small the whole of W fits in L1 (10 x 256 floats:
+// 10 KB), so each output is a dot product of an x row with a W row along K, in vector lanes,
+// with one horizontal sum at the end. Each output's order of summation is fixed by K alone:
+// the result does not depend on the thread count.
+#pragma once
+
+#include "cpu_vec.h"
+
+namespace bigmodel {
+namespace linear {
+
+// Output features up to which the narrow kernel runs, per level: beyond, MKL's panels fill up.
+// Measured on the Xeon, op / eager at 1024x256->N, 2 threads: AVX2 capped N = 10 1.22x, 11
+// 1.08x, 12 0.96x, 16 0.69x; AVX512 N = 10 1.45x, 12 1.21x, 14 1.09x, 16 0.73x (bench/NOTES.md).
+constexpr int64_t kNarrowMaxNAvx2 = 11, kNarrowMaxNAvx512 = 14;
+
+#define BIGMODEL_LINEAR_NARROW_DECLARE(cap)                                                   \
+  namespace cap {                                                                             \
+  void narrow_rows(const float* x, int64_t ldx, const float* w, const float* bias, float* z,  \
+                   int64_t rows, int64_t K, int64_t N);                                       \
+  }
+BIGMODEL_LINEAR_NARROW_DECLARE(AVX2)
+BIGMODEL_LINEAR_NARROW_DECLARE(AVX512)
+#undef BIGMODEL_LINEAR_NARROW_DECLARE
+
+// Whether the narrow kernel computes this fp32 forward: N up to the level's bound at a vector
+// level, with K long enough for the vector lanes. BIGMODEL_NO_NARROW=1 turns it off (to measure
+// against). Against oneDNN's AVX2 and AVX-512 kernels, where the plan would otherwise use them
+// for a narrow forward (AMD): 1.3-1.6x at N = 10 on the Xeon; on AMD itself not yet measured.
+inline bool narrow_applies(int64_t M, int64_t K, int64_t N) {
+  const CpuLevel level = cpu_level();
+  if (!BIGMODEL_CPU_VECTOR_VARIANTS || level == CpuLevel::kDefault) return false;
+  static const bool off = std::getenv("BIGMODEL_NO_NARROW") != nullptr;
+  const int64_t max_n = level == CpuLevel::kAvx512 ? kNarrowMaxNAvx512 : kNarrowMaxNAvx2;
+  return !off && M > 0 && N > 0 && N <= max_n && K >= 16;
+}
+
+// z (M, N, contiguous) = x W^T (+ bias): x (M, K) with row stride ldx and unit column stride,
+// w (N, K) contiguous, bias (N) or null; rows split across the threads.
+inline void narrow_forward(const float* x, int64_t ldx, const float* w, const float* bias,
+                           float* z, int64_t M, int64_t K, int64_t N) {
+#if BIGMODEL_CPU_VECTOR_VARIANTS
+  const bool avx512 = cpu_level() == CpuLevel::kAvx512;
+  // ~64 KFLOP a row block at least: a fork costs a few microseconds.
+  const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(1, K * N));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    if (avx512) {
+      AVX512::narrow_rows(x + r0 * ldx, ldx, w, bias, z + r0 * N, r1 - r0, K, N);
+    } else {
+      AVX2::narrow_rows(x + r0 * ldx, ldx, w, bias, z + r0 * N, r1 - r0, K, N);
+    }
+  });
+#else
+  (void)x, (void)ldx, (void)w, (void)bias, (void)z, (void)M, (void)K, (void)N;
+#endif
+}
+
+}  // namespace linear
+}  // namespace bigmodel
