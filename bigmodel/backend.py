@@ -108,6 +108,13 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def auto_op(t):
+    """Whether a call on tensor ``t`` runs the registered op with no further question: the
+    ``'auto'`` backend on a CPU or CUDA tensor, what :func:`resolve` answers first. ~0.4 us
+    cheaper than asking it (``device.type`` alone costs ~0.3 us a call)."""
+    return (t.is_cpu or t.is_cuda) and current() == "auto"
+
+
 def resolve(device, where, triton_on_cpu=False, cublaslt=False):
     """``'reference'`` or ``'op'`` for a call on ``device``; raises if the backend in force cannot
     run there.

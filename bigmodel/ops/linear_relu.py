@@ -35,8 +35,10 @@ def _check(input, weight, bias, where=_WHERE):
     # part of a small layer's call): tensors of one dtype and device that a kernel takes.
     if isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor) and input.dim() >= 1:
         dtype, device, wshape = input.dtype, input.device, weight.shape
+        # is_cpu / is_cuda rather than device.type: ~0.3 us a call less.
+        runs = _RUNS["cpu"] if input.is_cpu else _RUNS["cuda"] if input.is_cuda else ()
         if (len(wshape) == 2 and input.shape[-1] == wshape[1] and weight.dtype == dtype
-                and weight.device == device and dtype in _RUNS.get(device.type, ())
+                and weight.device == device and dtype in runs
                 and (bias is None or (isinstance(bias, torch.Tensor) and bias.dim() == 1
                                       and bias.shape[0] == wshape[0] and bias.dtype == dtype
                                       and bias.device == device))):
@@ -103,7 +105,8 @@ def linear_relu(input, weight, bias=None):
     # (M, K) with M spelled out: reshape(-1, 0) is ambiguous for an empty K.
     # A view whenever the strides allow; 2-D input as it is (the reshape costs ~4 us a call).
     x = input if flat else input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
-    if backend.resolve(x.device, _WHERE, _registry.triton_on_cpu(), cublaslt=True) == "reference":
+    if not backend.auto_op(x) and backend.resolve(x.device, _WHERE, _registry.triton_on_cpu(),
+                                                  cublaslt=True) == "reference":
         out = ref_linear_relu(x, weight, bias)
     else:
         _registry.require_ops()
