@@ -336,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(widened(*bias)) : std::nullopt;
   const auto compute = x.scalar_type();
-  if (compute == at::kFloat && M * N * 4 < kLargeOutputBytes && narrow_applies(M, K, N)) {
+  if (!widen && compute == at::kFloat && M * N * 4 < kLargeOutputBytes && narrow_applies(M, K, N)) {
     // A narrow layer (linear_narrow.h): the engine's own dot products, the bias in them, then
     // the activation on the small output while it is in cache.
     const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
