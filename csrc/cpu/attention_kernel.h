@@ -518,7 +518,8 @@ void forward_impl(const Args& a) {
     int64_t t0 = 0, t1 = 0;
     while (next(t0, t1)) {
       for (int64_t t = t0; t < t1; ++t) {
-        // Under causal, later query blocks cost more; zigzag order balances the threads' ranges.
+        // Under causal, later query blocks cost more; zigzag order mixes heavy and light ones
+        // within each chunk.
         const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq;
         const int64_t qb = a.causal ? (t % nqb % 2 == 0 ? t % nqb / 2 : nqb - 1 - t % nqb / 2) : t % nqb;
         const int64_t kvh = h / group;
