@@ -379,41 +379,38 @@ void parallel_chunks(int64_t total, int64_t chunk, const Body& body) {
 // exponent field. NaN stays NaN: max / min return their second operand when one is NaN, and the
 // clamp puts x second. kMayExceedZero also clamps x to 127 (the backward's recomputed scores
 // against a saved lse); the forward's s - max cannot exceed 0. DEFAULT and double: exp_u20.
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// 2^n from f = n + 1.5 * 2^23 (n an integer in [-127, 127] in f's low mantissa bits): the
+// exponent field n + 127, shifted into place; n = -127 gives +0.
+inline Vectorized<float> pow2_from_rounded(const Vectorized<float>& f) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(f), _mm512_set1_epi32(127)), 23));
+#else
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(f), _mm256_set1_epi32(127)), 23));
+#endif
+}
+#endif
+
 template <bool kMayExceedZero, typename acc_t>
 inline Vectorized<acc_t> exp_shifted(const Vectorized<acc_t>& s, const Vectorized<acc_t>& shift) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
+    using V = Vectorized<float>;
     constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.f;  // 1.5 * 2^23
     constexpr float c0 = 1.0000001192092896f, c1 = 0.6931469440460205f, c2 = 0.24022120237350464f,
                     c3 = 0.05550713464617729f, c4 = 0.009675540961325169f,
                     c5 = 0.0013276452664285898f;
-#if defined(CPU_CAPABILITY_AVX512)
-    const __m512 x = _mm512_mul_ps(_mm512_sub_ps(s, shift), _mm512_set1_ps(kLog2e));
-    __m512 t = _mm512_max_ps(_mm512_set1_ps(-127.f), x);
-    if constexpr (kMayExceedZero) t = _mm512_min_ps(_mm512_set1_ps(127.f), t);
-    const __m512 f = _mm512_add_ps(t, _mm512_set1_ps(kRound));
-    const __m512 r = _mm512_sub_ps(t, _mm512_sub_ps(f, _mm512_set1_ps(kRound)));
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(c5), r, _mm512_set1_ps(c4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c0));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(f), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-#else
-    const __m256 x = _mm256_mul_ps(_mm256_sub_ps(s, shift), _mm256_set1_ps(kLog2e));
-    __m256 t = _mm256_max_ps(_mm256_set1_ps(-127.f), x);
-    if constexpr (kMayExceedZero) t = _mm256_min_ps(_mm256_set1_ps(127.f), t);
-    const __m256 f = _mm256_add_ps(t, _mm256_set1_ps(kRound));
-    const __m256 r = _mm256_sub_ps(t, _mm256_sub_ps(f, _mm256_set1_ps(kRound)));
-    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(c5), r, _mm256_set1_ps(c4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c0));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(f), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-#endif
+    // clamp_min / clamp_max are max(bound, x) / min(bound, x): x second, so NaN passes.
+    V t = at::vec::clamp_min((s - shift) * V(kLog2e), V(-127.f));
+    if constexpr (kMayExceedZero) t = at::vec::clamp_max(t, V(127.f));
+    const V f = t + V(kRound);
+    const V r = t - (f - V(kRound));
+    V p = at::vec::fmadd(V(c5), r, V(c4));
+    p = at::vec::fmadd(p, r, V(c3));
+    p = at::vec::fmadd(p, r, V(c2));
+    p = at::vec::fmadd(p, r, V(c1));
+    p = at::vec::fmadd(p, r, V(c0));
+    return p * pow2_from_rounded(f);
   }
 #endif
   return (s - shift).exp_u20();
