@@ -143,7 +143,7 @@ def _reference(q, k, v, mask, dropout_p, is_causal, scale):
 
 
 def _attention_4d(q, k, v, mask, dropout_p, is_causal, scale):
-    if not backend.auto_op(q) and backend.resolve(q.device, _WHERE, _registry.triton_on_cpu()) == "reference":
+    if backend.resolve(q, _WHERE, _registry.triton_on_cpu()) == "reference":
         return _reference(q, k, v, mask, dropout_p, is_causal, scale)
     _registry.require_ops()
     rng_seed = _draw_rng_seed(dropout_p)

@@ -83,8 +83,7 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
     flat = input.dim() == 2
     # M spelled out: reshape(-1, 0) is ambiguous. 2-D input as it is (a reshape costs ~4 us).
     x = input if flat else input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
-    if not backend.auto_op(x) and backend.resolve(
-            x.device, _WHERE, _registry.triton_on_cpu(), cublaslt=name in CUBLASLT_ACTIVATIONS) == "reference":
+    if backend.resolve(x, _WHERE, _registry.triton_on_cpu(), cublaslt=name in CUBLASLT_ACTIVATIONS) == "reference":
         out = ref_fused_linear(x, weight, bias, activation, negative_slope, approximate)
     else:
         _registry.require_ops()

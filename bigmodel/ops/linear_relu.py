@@ -105,8 +105,7 @@ def linear_relu(input, weight, bias=None):
     # (M, K) with M spelled out: reshape(-1, 0) is ambiguous for an empty K.
     # A view whenever the strides allow; 2-D input as it is (the reshape costs ~4 us a call).
     x = input if flat else input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
-    if not backend.auto_op(x) and backend.resolve(x.device, _WHERE, _registry.triton_on_cpu(),
-                                                  cublaslt=True) == "reference":
+    if backend.resolve(x, _WHERE, _registry.triton_on_cpu(), cublaslt=True) == "reference":
         out = ref_linear_relu(x, weight, bias)
     else:
         _registry.require_ops()

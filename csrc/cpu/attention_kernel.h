@@ -369,16 +369,6 @@ void parallel_chunks(int64_t total, int64_t chunk, const Body& body) {
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { body(next); });
 }
 
-// exp(s - shift) for the softmax's shifted scores (s - max <= 0 in the forward, s - lse in the
-// backward), where most of the softmax's time goes (~14% of the forward at AVX2 on the Xeon, the
-// block products ~75%). At the vector levels in 14-15 vector operations against at::vec's
-// exp_u20's ~20: x = (s - shift) * log2(e), 2^x = 2^n * 2^r with n = round(x) (adding 1.5 * 2^23
-// leaves n in the low mantissa bits) and r in [-0.5, 0.5], 2^r by a degree-5 polynomial fitted
-// here (near-minimax on Chebyshev nodes: 2.3e-7 relative, 4 ulp in float; exp_u20 is 20 ulp).
-// x <= -127 (so -inf: a masked score) gives exactly 0, as the masks need: n + 127 = 0 is a zero
-// exponent field. NaN stays NaN: max / min return their second operand when one is NaN, and the
-// clamp puts x second. kMayExceedZero also clamps x to 127 (the backward's recomputed scores
-// against a saved lse); the forward's s - max cannot exceed 0. DEFAULT and double: exp_u20.
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // 2^n from f = n + 1.5 * 2^23 (n an integer in [-127, 127] in f's low mantissa bits): the
 // exponent field n + 127, shifted into place; n = -127 gives +0.
@@ -391,6 +381,16 @@ inline Vectorized<float> pow2_from_rounded(const Vectorized<float>& f) {
 }
 #endif
 
+// exp(s - shift) for the softmax's shifted scores (s - max <= 0 in the forward, s - lse in the
+// backward), where most of the softmax's time goes (~14% of the forward at AVX2 on the Xeon, the
+// block products ~75%). At the vector levels in 14-15 vector operations against at::vec's
+// exp_u20's ~20: x = (s - shift) * log2(e), 2^x = 2^n * 2^r with n = round(x) (adding 1.5 * 2^23
+// leaves n in the low mantissa bits) and r in [-0.5, 0.5], 2^r by a degree-5 polynomial fitted
+// here (near-minimax on Chebyshev nodes: 2.3e-7 relative, 4 ulp in float; exp_u20 is 20 ulp).
+// x <= -127 (so -inf: a masked score) gives exactly 0, as the masks need: n + 127 = 0 is a zero
+// exponent field. NaN stays NaN: max / min return their second operand when one is NaN, and the
+// clamp puts x second. kMayExceedZero also clamps x to 127 (the backward's recomputed scores
+// against a saved lse); the forward's s - max cannot exceed 0. DEFAULT and double: exp_u20.
 template <bool kMayExceedZero, typename acc_t>
 inline Vectorized<acc_t> exp_shifted(const Vectorized<acc_t>& s, const Vectorized<acc_t>& shift) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)

@@ -336,6 +336,13 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(widened(*bias)) : std::nullopt;
   const auto compute = x.scalar_type();
+  // y = act(z) for a z in the input's dtype: z is pre itself where the backward needs it, else y
+  // is computed in place.
+  auto activate = [&](const at::Tensor& z) -> std::tuple<at::Tensor, at::Tensor> {
+    at::Tensor out = want_pre ? new_output() : z;
+    epilogue_into(act, z, out, at::Tensor());
+    return {out, want_pre ? z : no_pre};
+  };
   if (!widen && compute == at::kFloat && M * N * 4 < kLargeOutputBytes && narrow_applies(M, K, N)) {
     // A narrow layer (linear_narrow.h): the engine's own dot products, the bias in them, then
     // the activation on the small output while it is in cache.
@@ -345,9 +352,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
     at::Tensor z = at::empty({M, N}, x.options());
     narrow_forward(xc.data_ptr<float>(), xc.stride(0), wc.data_ptr<float>(),
                    bc.defined() ? bc.data_ptr<float>() : nullptr, z.data_ptr<float>(), M, K, N);
-    at::Tensor out = want_pre ? at::empty_like(z) : z;
-    epilogue_into(act, z, out, at::Tensor());
-    return {out, want_pre ? z : no_pre};
+    return activate(z);
   }
   if (plan_gemms(compute, M, K, N).fwd) {
     const at::Tensor z = onednn_mm_bt(x, w, b);
@@ -356,10 +361,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
       epilogue_into(act, z, out, pre);
       return {out, want_pre ? pre : no_pre};
     }
-    // fp32: z is pre itself where the backward needs it, else y is computed in place.
-    at::Tensor out = want_pre ? new_output() : z;
-    epilogue_into(act, z, out, at::Tensor());
-    return {out, want_pre ? z : no_pre};
+    return activate(z);
   }
   if (!widen && M * N * input.element_size() < kLargeOutputBytes) {
     // torch's own GEMM call, as eager F.linear makes it (one multithreaded MKL call, or native
