@@ -12,7 +12,7 @@ forward traced with torch.fx, one level deep (children are leaves), in train and
 Linear is fused when every call of it feeds its output only into one and the same activation. The
 module's code is not edited: the Linear child becomes a FusedLinear sharing its Parameter objects,
 and an activation module whose every call follows a fused Linear becomes nn.Identity (a
-Transformer layer's activation function, the identity function). An activation that lives in code
+Transformer layer's activation function, whichever it was, the identity function). An activation that lives in code
 (F.relu, torch.relu) can stay only where applying it twice changes nothing: ReLU, whose second
 application runs on an output that is already >= 0 (same values, same gradients, and
 torch.compile fuses it away). Any other activation in code (F.gelu, torch.tanh, Tensor.sigmoid,
@@ -431,7 +431,10 @@ def _fuse_linear_activation(model, names, report):
         report.fused.append(name)
         report.activations[name] = act.name
         layer = sites.transformer.get(key)
-        if layer is not None and not act.idempotent:
+        if layer is not None:
+            # ReLU too, though applying it twice would be harmless: left in place it costs a
+            # pass over the FFN's widest tensor forward and a threshold_backward backward (11 ms
+            # of a 100 ms TransformerEncoderLayer step at DEFAULT, 2048x1024).
             layer.activation = _identity
             report.activations_removed.append(names.get(id(layer), "?") + ".activation")
     by_parent = defaultdict(set)

@@ -226,6 +226,9 @@ def test_transformer_layer_activations_from_the_rule_table(activation, name):
     opt = check_equivalent(model, lambda dt: [torch.randn(3, 9, 16, dtype=dt, requires_grad=True)])
     assert opt.bigmodel_report.by_activation() == {name: 2}
     assert type(opt.layers[0].linear1) in (FusedLinear, FusedLinearReLU)
+    # The activation is inside linear1 now: none is applied a second time, ReLU included.
+    identity = sys.modules["bigmodel.optimize"]._identity  # bigmodel.optimize is the function
+    assert all(layer.activation is identity or type(layer.activation) is nn.Identity for layer in opt.layers)
     check_state_dict_round_trip(model, opt)
     model.eval(), opt.eval()
     x = torch.randn(3, 9, 16, dtype=torch.float64)

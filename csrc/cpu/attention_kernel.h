@@ -34,6 +34,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -369,17 +371,27 @@ void parallel_chunks(int64_t total, int64_t chunk, const Body& body) {
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { body(next); });
 }
 
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // 2^n from f = n + 1.5 * 2^23 (n an integer in [-127, 127] in f's low mantissa bits): the
 // exponent field n + 127, shifted into place; n = -127 gives +0.
 inline Vectorized<float> pow2_from_rounded(const Vectorized<float>& f) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(f), _mm512_set1_epi32(127)), 23));
-#else
+#elif defined(CPU_CAPABILITY_AVX2)
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(f), _mm256_set1_epi32(127)), 23));
+#else
+  // DEFAULT: the same integer add and shift lane by lane, a loop GCC turns into SSE2 code.
+  constexpr int W = Vectorized<float>::size();
+  float lanes[W];
+  f.store(lanes);
+  for (int i = 0; i < W; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &lanes[i], sizeof bits);
+    bits = (bits + 127u) << 23;
+    std::memcpy(&lanes[i], &bits, sizeof bits);
+  }
+  return Vectorized<float>::loadu(lanes);
 #endif
 }
-#endif
 
 // exp(s - shift) for the softmax's shifted scores (s - max <= 0 in the forward, s - lse in the
 // backward), where most of the softmax's time goes (~14% of the forward at AVX2 on the Xeon, the
@@ -390,10 +402,9 @@ inline Vectorized<float> pow2_from_rounded(const Vectorized<float>& f) {
 // x <= -127 (so -inf: a masked score) gives exactly 0, as the masks need: n + 127 = 0 is a zero
 // exponent field. NaN stays NaN: max / min return their second operand when one is NaN, and the
 // clamp puts x second. kMayExceedZero also clamps x to 127 (the backward's recomputed scores
-// against a saved lse); the forward's s - max cannot exceed 0. DEFAULT and double: exp_u20.
+// against a saved lse); the forward's s - max cannot exceed 0. Double: exp_u20.
 template <bool kMayExceedZero, typename acc_t>
 inline Vectorized<acc_t> exp_shifted(const Vectorized<acc_t>& s, const Vectorized<acc_t>& shift) {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     using V = Vectorized<float>;
     constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.f;  // 1.5 * 2^23
@@ -412,7 +423,6 @@ inline Vectorized<acc_t> exp_shifted(const Vectorized<acc_t>& s, const Vectorize
     p = at::vec::fmadd(p, r, V(c0));
     return p * pow2_from_rounded(f);
   }
-#endif
   return (s - shift).exp_u20();
 }
 
