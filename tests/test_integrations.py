@@ -98,3 +98,23 @@ def test_registered_names():
 
     assert bigmodel.integrations.register_transformers("bigmodel_test") == "bigmodel_test"
     assert "bigmodel_test" in AttentionInterface() and "bigmodel_test" in AttentionMaskInterface()
+
+
+def test_top_level_kernels_is_not_this_checkouts():
+    """From the repository root, kernels/ (bigmodel.kernels) would shadow Hugging Face's `kernels`
+    package, which transformers 5.x imports when it is installed: it must hand the name over."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    code = "import os, kernels; print(os.path.realpath(kernels.__file__))"
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    installed = importlib.util.find_spec("kernels") is not None and any(
+        d.metadata["Name"] == "kernels" for d in importlib.metadata.distributions())
+    if installed:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() != os.path.join(root, "kernels", "__init__.py"), run.stdout
+    else:
+        assert "No module named 'kernels'" in run.stderr

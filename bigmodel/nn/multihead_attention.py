@@ -5,6 +5,17 @@ import torch
 import torch.nn.functional as F
 
 from bigmodel.ops.attention import scaled_dot_product_attention
+from bigmodel.ops.fused_linear import fused_linear
+
+
+def _linear(x, weight, bias):
+    """F.linear for the projections; on CPU through bigmodel's engine (fused_linear with no
+    activation), which picks the faster GEMM per CPU level: at 2048 tokens on the AVX-512 EPYC
+    the in-projection (256->768) ran 1.35x, the out-projection (256->256) 1.49x F.linear, fwd+bwd;
+    AVX2 1.02-1.06x; DEFAULT 0.99-1.00x (the same MKL call)."""
+    if x.is_cpu:
+        return fused_linear(x, weight, bias, activation=None)
+    return F.linear(x, weight, bias)
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -97,19 +108,19 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         w, b = self.in_proj_weight, self.in_proj_bias
         if not self._qkv_same_embed_dim:
             bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
-            return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
-                    F.linear(value, self.v_proj_weight, bv))
+            return (_linear(query, self.q_proj_weight, bq), _linear(key, self.k_proj_weight, bk),
+                    _linear(value, self.v_proj_weight, bv))
         if query is key and key is value:
             # One GEMM; q, k, v are strided views of its output (the kernel reads strides).
-            return F.linear(query, w, b).unflatten(-1, (3, E)).unbind(-2)
+            return _linear(query, w, b).unflatten(-1, (3, E)).unbind(-2)
         if key is value:
             wq, wkv = w.split([E, 2 * E])
             bq, bkv = (None, None) if b is None else b.split([E, 2 * E])
-            k, v = F.linear(key, wkv, bkv).unflatten(-1, (2, E)).unbind(-2)
-            return F.linear(query, wq, bq), k, v
+            k, v = _linear(key, wkv, bkv).unflatten(-1, (2, E)).unbind(-2)
+            return _linear(query, wq, bq), k, v
         wq, wk, wv = w.chunk(3)
         bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
-        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        return _linear(query, wq, bq), _linear(key, wk, bk), _linear(value, wv, bv)
 
     def _fused_forward(self, query, key, value, key_padding_mask, attn_mask, is_causal):
         self._check(query, key, value, key_padding_mask, attn_mask)
@@ -160,7 +171,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             out = out.permute(2, 0, 1, 3).reshape(L, N, E)
         else:
             out = out.transpose(1, 2).reshape(N, L, E)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = _linear(out, self.out_proj.weight, self.out_proj.bias)
         if not batched:
             out = out.squeeze(0)
         return out, None
