@@ -103,6 +103,7 @@ def test_registered_names():
 def test_top_level_kernels_is_not_this_checkouts():
     """From the repository root, kernels/ (bigmodel.kernels) would shadow Hugging Face's `kernels`
     package, which transformers 5.x imports when it is installed: it must hand the name over."""
+    import importlib.metadata
     import importlib.util
     import os
     import subprocess
