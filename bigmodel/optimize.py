@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigmodel.nn.fused_linear import FusedLinear, FusedLinearReLU
+from bigmodel.nn.linear import Linear as EngineLinear
 from bigmodel.nn.multihead_attention import MultiheadAttention
 
 log = logging.getLogger("bigmodel")
@@ -147,6 +148,8 @@ class OptimizeReport:
         activations_removed: activation modules now ``nn.Identity`` (every call followed a fused
             Linear), and Transformer layers whose activation function is now the identity.
         attention: ``nn.MultiheadAttention`` layers now :class:`bigmodel.nn.MultiheadAttention`.
+        linear: the remaining ``nn.Linear`` layers (no activation to fuse), now
+            :class:`bigmodel.nn.Linear`: the same layer, its CPU GEMMs on bigmodel's engine.
         not_fused: ``(name, reason)`` for Linears followed by an activation that could not be fused.
         not_traced: ``(name, reason)`` for modules owning a Linear or an activation whose forward
             torch.fx could not trace; they were left as they were.
@@ -158,6 +161,7 @@ class OptimizeReport:
     activations: dict = field(default_factory=dict)
     activations_removed: list = field(default_factory=list)
     attention: list = field(default_factory=list)
+    linear: list = field(default_factory=list)
     not_fused: list = field(default_factory=list)
     not_traced: list = field(default_factory=list)
     rewritten: list = field(default_factory=list)
@@ -180,6 +184,8 @@ class OptimizeReport:
             lines.append(f"  activation -> identity: {names(self.activations_removed)}")
         if self.attention:
             lines.append(f"  MultiheadAttention -> bigmodel.nn.MultiheadAttention: {names(self.attention)}")
+        if self.linear:
+            lines.append(f"  Linear -> bigmodel.nn.Linear (CPU engine): {names(self.linear)}")
         if self.rewritten:
             lines.append(f"  forward without the fused activation calls (fx): {names(self.rewritten)}")
         for name, why in self.not_fused:
@@ -196,7 +202,9 @@ def optimize(model, *, inplace=False):
       module, or, for ReLU, in code) becomes one :func:`bigmodel.fused_linear` call (see the module
       docstring for how pairs are found);
     * every ``nn.MultiheadAttention``, including those inside ``nn.TransformerEncoderLayer``,
-      ``nn.TransformerDecoderLayer`` and ``nn.Transformer``, becomes :class:`bigmodel.nn.MultiheadAttention`.
+      ``nn.TransformerDecoderLayer`` and ``nn.Transformer``, becomes :class:`bigmodel.nn.MultiheadAttention`;
+    * every other ``nn.Linear`` becomes :class:`bigmodel.nn.Linear`, the same layer whose CPU GEMMs
+      run on bigmodel's engine (``F.linear`` on other devices and for small layers).
 
     Parameters are shared, not copied, with the layers they come from, so parameter names,
     ``state_dict`` keys, device and dtype are unchanged and a state_dict loads strictly in both
@@ -229,8 +237,13 @@ def optimize(model, *, inplace=False):
     if type(model) is nn.MultiheadAttention:
         model = MultiheadAttention.from_torch(model)
         report.attention.append("")
-    _swap_attention(model, names, report)
+    _swap_modules(model, names, nn.MultiheadAttention, MultiheadAttention.from_torch, report.attention)
     _fuse_linear_activation(model, names, report)
+    if type(model) is nn.Linear:
+        model = EngineLinear.from_torch(model)
+        report.linear.append("")
+    # The Linears left (no activation to fuse): the same layers, their CPU GEMMs on the engine.
+    _swap_modules(model, names, nn.Linear, EngineLinear.from_torch, report.linear)
 
     model.bigmodel_report = report
     log.info("%s", report)
@@ -250,15 +263,17 @@ def _references(model):
     return refs
 
 
-def _swap_attention(model, names, report):
+def _swap_modules(model, names, torch_type, convert, swapped):
+    """Every child of exactly ``torch_type`` (subclasses keep their own forward) becomes
+    ``convert(child)`` wherever it is held, one new module per old one; ``swapped`` gets the names."""
     done = {}
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
-            if type(child) is not nn.MultiheadAttention:
+            if type(child) is not torch_type:
                 continue
             if id(child) not in done:
-                done[id(child)] = MultiheadAttention.from_torch(child)
-                report.attention.append(names.get(id(child), name))
+                done[id(child)] = convert(child)
+                swapped.append(names.get(id(child), name))
             setattr(parent, name, done[id(child)])
 
 

@@ -78,11 +78,12 @@ def test_seed_classifier(dtype):
     model = SeedClassifier()
     opt = check_equivalent(model, lambda dt: [torch.randn(5, 1, 28, 28, dtype=dt, requires_grad=True)], dtype)
     assert type(opt.fc1) is FusedLinearReLU and type(opt.fc2) is FusedLinearReLU
-    assert type(opt.fc3) is nn.Linear and type(opt.relu) is nn.Identity
+    assert type(opt.fc3) is bigmodel.nn.Linear and type(opt.relu) is nn.Identity  # no activation: on the engine
     assert type(model.fc1) is nn.Linear and type(model.relu) is nn.ReLU  # inplace=False: original kept
     assert opt.fc1.weight.dtype == dtype
     rep = opt.bigmodel_report
     assert rep.fused == ["fc1", "fc2"] and rep.activations_removed == ["relu"] and rep.attention == []
+    assert rep.linear == ["fc3"] and "Linear -> bigmodel.nn.Linear (CPU engine): fc3" in str(rep)
     assert "fused 2 Linear+activation (2 relu)" in str(rep)
     check_state_dict_round_trip(model, opt)
 
@@ -118,7 +119,7 @@ def test_functional_relus():
     model = Functional()
     opt = check_equivalent(model, lambda dt: [torch.randn(4, 7, dtype=dt, requires_grad=True)])
     assert opt.bigmodel_report.fused == ["a", "b", "c"]
-    assert type(opt.d) is nn.Linear
+    assert type(opt.d) is bigmodel.nn.Linear
 
 
 def test_shared_relu_that_must_stay():
@@ -161,7 +162,7 @@ def test_untraceable_module_left_alone_children_visited():
 
     model = Dynamic()
     opt = check_equivalent(model, lambda dt: [torch.randn(4, 6, dtype=dt, requires_grad=True)])
-    assert type(opt.fc) is nn.Linear and type(opt.relu) is nn.ReLU
+    assert type(opt.fc) is bigmodel.nn.Linear and type(opt.relu) is nn.ReLU
     assert opt.bigmodel_report.fused == ["mlp.0"]
     assert [n for n, _ in opt.bigmodel_report.not_traced] == [""]
 

@@ -1,21 +1,10 @@
 """bigmodel.nn.MultiheadAttention: torch.nn.MultiheadAttention on bigmodel's fused attention."""
-import copy
-
 import torch
 import torch.nn.functional as F
 
+from bigmodel.nn._convert import sharing
 from bigmodel.ops.attention import scaled_dot_product_attention
-from bigmodel.ops.fused_linear import fused_linear
-
-
-def _linear(x, weight, bias):
-    """F.linear for the projections; on CPU through bigmodel's engine (fused_linear with no
-    activation), which picks the faster GEMM per CPU level: at 2048 tokens on the AVX-512 EPYC
-    the in-projection (256->768) ran 1.35x, the out-projection (256->256) 1.49x F.linear, fwd+bwd;
-    AVX2 1.02-1.06x; DEFAULT 0.99-1.00x (the same MKL call)."""
-    if x.is_cpu:
-        return fused_linear(x, weight, bias, activation=None)
-    return F.linear(x, weight, bias)
+from bigmodel.nn.linear import cpu_engine_linear as _linear
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -56,13 +45,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if not isinstance(mha, torch.nn.MultiheadAttention):
             raise TypeError(f"MultiheadAttention.from_torch: mha must be a torch.nn.MultiheadAttention, got "
                             f"{type(mha).__name__}")
-        new = cls.__new__(cls)
-        new.__dict__.update(mha.__dict__)
-        # Fresh containers holding the same objects, so later edits to one module do not leak into the other.
-        for name, value in mha.__dict__.items():
-            if isinstance(value, (dict, set)):
-                new.__dict__[name] = copy.copy(value)
-        return new
+        return sharing(cls, mha)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):

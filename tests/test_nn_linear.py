@@ -1,0 +1,57 @@
+"""bigmodel.nn.Linear: torch.nn.Linear with its CPU GEMMs on bigmodel's engine."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bigmodel
+from bigmodel.nn.linear import ENGINE_MIN_MACS
+from tolerances import assert_grads_match, assert_matches
+
+
+def engine_ops(fn):
+    """Names of the bigmodel ops one call of fn runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("bigmodel::")}
+
+
+def test_same_layer_as_torch_and_shares_everything():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    calls = []
+    lin.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    ours = bigmodel.nn.Linear.from_torch(lin)
+    assert isinstance(ours, nn.Linear) and ours.weight is lin.weight and ours.bias is lin.bias
+    assert repr(ours) == repr(lin)
+    assert ours.state_dict().keys() == lin.state_dict().keys()
+    ours(torch.randn(3, 64))
+    assert calls == [torch.Size([3, 48])]  # hooks carried over
+
+
+def test_large_cpu_calls_run_on_the_engine_small_ones_on_f_linear():
+    big = bigmodel.nn.Linear(256, 256)
+    x = torch.randn(ENGINE_MIN_MACS // (256 * 256) + 1, 256)
+    assert "bigmodel::fused_linear" in engine_ops(lambda: big(x))
+    small = bigmodel.nn.Linear(16, 8)
+    assert engine_ops(lambda: small(torch.randn(8, 16))) == set()
+
+
+def test_matches_float64_reference_forward_and_backward():
+    """The house rule against float64, with F.linear in the same dtype as the peer, above the
+    cut-off (the engine's path) and with odd sizes."""
+    torch.manual_seed(1)
+    for dtype in (torch.float32, torch.float64):
+        layer = bigmodel.nn.Linear(100, 37, dtype=dtype)
+        x = torch.randn(301, 100, dtype=dtype, requires_grad=True)
+        g = torch.randn(301, 37, dtype=dtype)
+        params = (x, layer.weight, layer.bias)
+
+        def run(fn, ts):
+            y = fn(*ts)
+            return (y,) + torch.autograd.grad(y, ts, g.to(y.dtype))
+
+        ours = run(lambda a, w, b: layer(a), params)
+        peer = run(F.linear, [t.detach().requires_grad_() for t in params])
+        ref = run(F.linear, [t.detach().double().requires_grad_() for t in params])
+        assert_matches(ours[0], peer[0], ref[0], what="y")
+        assert_grads_match(ours[1:], peer[1:], ref[1:], ["dx", "dw", "db"], what="Linear")
