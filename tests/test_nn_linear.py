@@ -55,3 +55,13 @@ def test_matches_float64_reference_forward_and_backward():
         ref = run(F.linear, [t.detach().double().requires_grad_() for t in params])
         assert_matches(ours[0], peer[0], ref[0], what="y")
         assert_grads_match(ours[1:], peer[1:], ref[1:], ["dx", "dw", "db"], what="Linear")
+
+
+def test_compiles_fullgraph_on_both_sides_of_the_cut_off():
+    for rows in (4, ENGINE_MIN_MACS // (256 * 256)):
+        layer = bigmodel.nn.Linear(256, 256)
+        x = torch.randn(rows, 256, requires_grad=True)
+        compiled = torch.compile(layer, fullgraph=True, backend="eager")
+        y = compiled(x)
+        y.sum().backward()
+        torch.testing.assert_close(y, layer(x))
