@@ -234,16 +234,10 @@ def optimize(model, *, inplace=False):
     for name, m in model.named_modules():
         names.setdefault(id(m), name)
 
-    if type(model) is nn.MultiheadAttention:
-        model = MultiheadAttention.from_torch(model)
-        report.attention.append("")
-    _swap_modules(model, names, nn.MultiheadAttention, MultiheadAttention.from_torch, report.attention)
+    model = _swap_modules(model, names, nn.MultiheadAttention, MultiheadAttention.from_torch, report.attention)
     _fuse_linear_activation(model, names, report)
-    if type(model) is nn.Linear:
-        model = EngineLinear.from_torch(model)
-        report.linear.append("")
     # The Linears left (no activation to fuse): the same layers, their CPU GEMMs on the engine.
-    _swap_modules(model, names, nn.Linear, EngineLinear.from_torch, report.linear)
+    model = _swap_modules(model, names, nn.Linear, EngineLinear.from_torch, report.linear)
 
     model.bigmodel_report = report
     log.info("%s", report)
@@ -264,8 +258,12 @@ def _references(model):
 
 
 def _swap_modules(model, names, torch_type, convert, swapped):
-    """Every child of exactly ``torch_type`` (subclasses keep their own forward) becomes
-    ``convert(child)`` wherever it is held, one new module per old one; ``swapped`` gets the names."""
+    """Every module of exactly ``torch_type`` (subclasses keep their own forward) becomes
+    ``convert(module)`` wherever it is held, one new module per old one; ``swapped`` gets the
+    names. Returns the model, itself converted where it is of that type."""
+    if type(model) is torch_type:
+        swapped.append("")
+        return convert(model)
     done = {}
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
@@ -275,6 +273,7 @@ def _swap_modules(model, names, torch_type, convert, swapped):
                 done[id(child)] = convert(child)
                 swapped.append(names.get(id(child), name))
             setattr(parent, name, done[id(child)])
+    return model
 
 
 def _has_hooks(m):

@@ -15,8 +15,7 @@ if __name__ == "kernels":
     _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     _elsewhere = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
-    if _spec is None:
-        del sys.modules["kernels"]
+    if _spec is None:  # the import system drops the half-made sys.modules entry itself
         raise ModuleNotFoundError("No module named 'kernels' (this checkout's kernels/ is bigmodel.kernels)",
                                   name="kernels")
     _module = importlib.util.module_from_spec(_spec)

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from bigmodel.nn._convert import sharing
-from bigmodel.ops.attention import scaled_dot_product_attention
 from bigmodel.nn.linear import cpu_engine_linear as _linear
+from bigmodel.ops.attention import scaled_dot_product_attention
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
