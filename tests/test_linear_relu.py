@@ -220,11 +220,12 @@ def test_fp32_without_onednn_takes_the_blocked_path():
 # every CPU level below the machine's own.
 
 # (M, K, N) across the plans of csrc/cpu/linear_relu.cpp's plan_gemms at AVX2 and AVX512: all
-# three products on oneDNN (AVX512, K >= 512); a small K (dW on MKL); N = 10 at M < 1024
-# (oneDNN's narrow forward at AVX2, dX on MKL) and at M >= 1024; M >= 1024 (oneDNN's forward and
-# dX at AVX2); a product below oneDNN's threshold (torch's own MKL call).
-PLAN_SHAPES = [(1024, 784, 512), (300, 100, 256), (4096, 256, 10), (1100, 784, 10), (600, 784, 10),
-               (64, 40, 12)]
+# three products on oneDNN (K >= 512); a small K (dW on MKL); dW on oneDNN at AVX512 only
+# (K = 300), its dZ^T from transposed_copy with row and column edges (M, N not multiples of 16);
+# N = 10 at M < 1024 (the narrow kernels) and at M >= 1024; M >= 1024 (oneDNN's forward and dX at
+# AVX2); a product below oneDNN's threshold (torch's own MKL call).
+PLAN_SHAPES = [(1024, 784, 512), (300, 100, 256), (513, 300, 129), (4096, 256, 10), (1100, 784, 10),
+               (600, 784, 10), (64, 40, 12)]
 
 
 def _engine_grads(x, w, b, g, fn=None):
@@ -282,11 +283,14 @@ def _own_plan(M, K, N):
             own.add("y")
         if small and (avx512 or (rows and N > 16)):
             own.add("dx")
-        if small and avx512 and M <= 4096 and K >= 512 and N * K >= 512 * 512:
+        if small and M <= 4096 and K >= (256 if avx512 else 512):
             own.add("dw")
-    # A narrow forward (csrc/cpu/linear_narrow.h) is the engine's own dot products.
+    # A narrow layer (csrc/cpu/linear_narrow.h) is the engine's own dot products, forward and
+    # backward.
     if _narrow_applies(K, N):
         own.add("y")
+        if M * K * elt < 32 << 20:
+            own |= {"dx", "dw"}
     # db (the ReLU's dz summed in fixed chunks of rows as it is written) on every plan.
     return own | {"db"} if small else {"y", "dx", "dw", "db"}
 
@@ -297,6 +301,14 @@ def _narrow_applies(K, N, dtype=torch.float32):
     level = torch.backends.cpu.get_cpu_capability()
     max_n = 14 if level.startswith("AVX512") else 11 if level == "AVX2" else 0
     return dtype == torch.float32 and 0 < N <= max_n and K >= 16
+
+
+@pytest.mark.parametrize("shape", PLAN_SHAPES, ids=str)
+def test_cpp_plans_match_float64(shape):
+    """Each plan's fp32 output and gradients under the house rule against float64."""
+    x, w, b, g = _plan_inputs(*shape)
+    y, dx, dw, db = _engine_grads(x, w, b, g)
+    assert_linear_relu_matches(y.detach(), x, w, b, g, {"x": dx, "w": dw, "b": db}, f"plan {shape}")
 
 
 @pytest.mark.parametrize("shape", PLAN_SHAPES + [pytest.param((65536, 128, 128), id="blocked-32MB")], ids=str)
@@ -311,11 +323,12 @@ def test_cpp_thread_count_does_not_change_results(shape):
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 16, 1), (7, 17, 3), (33, 100, 10), (130, 31, 11), (64, 256, 14),
-                                   (5, 784, 5), (129, 255, 13)], ids=str)
-def test_cpp_narrow_forward_matches_float64(M, K, N):
-    """The narrow forward (N up to 11 / 14, its own dot products with a zero-filled tail of K):
-    odd M, K and N, a strided input, NaN in one input row reaching exactly that output row; the
-    backward is the usual one. Checked at whatever level runs (at DEFAULT it is MKL's GEMM)."""
+                                   (5, 784, 5), (129, 255, 13), (700, 77, 10), (1024, 256, 10)], ids=str)
+def test_cpp_narrow_layer_matches_float64(M, K, N):
+    """The narrow layer (N up to 11 / 14, its own dot products with a zero-filled tail of K, and
+    its own dX and dW kernels: column tails, row tails, dW summed in spans of 256 rows): odd M, K
+    and N, a strided input, NaN in one input row reaching exactly that output row. Checked at
+    whatever level runs (at DEFAULT these are MKL's GEMMs)."""
     x, w, b, g = _plan_inputs(M + 1, K + 3, N)
     x = x.detach()[1:, 2:-1].requires_grad_()  # rows strided by K + 3: a view, not a copy
     w = w.detach()[:, 2:-1].contiguous().requires_grad_()
@@ -328,6 +341,12 @@ def test_cpp_narrow_forward_matches_float64(M, K, N):
         yn = bigmodel.linear_relu(xn, w.detach(), b.detach())
     rows = torch.isnan(yn).any(1)
     assert rows.nonzero().flatten().tolist() == [M // 2] and torch.isnan(yn[M // 2]).all()
+    # Backward: NaN exactly where eager's is (dW's column K // 3, from 0 * NaN too).
+    ours = _engine_grads(xn.requires_grad_(), w, b, g)
+    theirs = _engine_grads(xn, w, b, g, fn=_eager)
+    for name, a, e in zip(("dx", "dw", "db"), ours[1:], theirs[1:]):
+        assert torch.equal(torch.isnan(a), torch.isnan(e)), f"NaN in {name} differs from eager's"
+    assert torch.isnan(ours[2][:, K // 3]).all()
 
 
 def test_cpp_blocked_32mb_matches_float64():

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bigmodel
-from bigmodel.nn.linear import ENGINE_MIN_MACS
+from bigmodel.nn.linear import ENGINE_MIN_MACS, NARROW_MAX_OUT, NARROW_MIN_MACS
 from tolerances import assert_grads_match, assert_matches
 
 
@@ -36,14 +36,29 @@ def test_large_cpu_calls_run_on_the_engine_small_ones_on_f_linear():
     assert engine_ops(lambda: small(torch.randn(8, 16))) == set()
 
 
+def test_narrow_layers_run_on_the_engine_at_the_vector_levels():
+    """A classifier's last layer (the seed MLP's 256 -> 10 at batch 1024) runs on the engine's
+    narrow kernels at AVX2 and AVX512; at DEFAULT (no narrow kernel) and below NARROW_MIN_MACS it
+    is F.linear."""
+    level = torch.backends.cpu.get_cpu_capability()
+    assert NARROW_MAX_OUT == (14 if level == "AVX512" else 11 if level == "AVX2" else 0)
+    head = bigmodel.nn.Linear(256, 10)
+    on_engine = "bigmodel::fused_linear" in engine_ops(lambda: head(torch.randn(1024, 256)))
+    assert on_engine == (level in ("AVX2", "AVX512"))
+    assert engine_ops(lambda: head(torch.randn(NARROW_MIN_MACS // 2560 - 1, 256))) == set()
+    assert engine_ops(lambda: bigmodel.nn.Linear(256, 15)(torch.randn(1024, 256))) == set()
+
+
 def test_matches_float64_reference_forward_and_backward():
-    """The house rule against float64, with F.linear in the same dtype as the peer, above the
-    cut-off (the engine's path) and with odd sizes."""
+    """The house rule against float64, with F.linear in the same dtype as the peer, with odd
+    sizes: above the cut-off, a narrow layer (both the engine's paths) and a small one."""
     torch.manual_seed(1)
-    for dtype in (torch.float32, torch.float64):
-        layer = bigmodel.nn.Linear(100, 37, dtype=dtype)
-        x = torch.randn(301, 100, dtype=dtype, requires_grad=True)
-        g = torch.randn(301, 37, dtype=dtype)
+    shapes = [(2049, 255, 129), (1025, 257, 11), (301, 100, 37)]
+    assert 2049 * 255 * 129 >= ENGINE_MIN_MACS and 1025 * 257 * 11 >= NARROW_MIN_MACS
+    for dtype, (rows, inf, outf) in [(d, s) for d in (torch.float32, torch.float64) for s in shapes]:
+        layer = bigmodel.nn.Linear(inf, outf, dtype=dtype)
+        x = torch.randn(rows, inf, dtype=dtype, requires_grad=True)
+        g = torch.randn(rows, outf, dtype=dtype)
         params = (x, layer.weight, layer.bias)
 
         def run(fn, ts):

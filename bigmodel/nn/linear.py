@@ -12,14 +12,31 @@ from bigmodel.ops.fused_linear import fused_linear
 # (oneDNN); at AVX2 (MKL's call below 1024 rows) 0.90x at 4M, 0.96x at 16M, 0.98x at 32M, 1.12x at 64M.
 ENGINE_MIN_MACS = 64 << 20
 
+# A narrow layer (a classifier's last Linear: the seed MLP's 256 -> 10) runs on the engine's own
+# narrow kernels (csrc/cpu/linear_narrow.h) from far fewer multiply-adds: at the vector levels
+# they beat MKL's panels. Out-features bound per level, as the C++ side's (kNarrowMaxNAvx2,
+# kNarrowMaxNAvx512); at DEFAULT there is no narrow kernel. Read once: ATen fixes its capability
+# at start-up, and a constant keeps torch.compile's graph whole. Measured on Zen 5, engine /
+# F.linear, fwd / fwd+bwd: 1024x256->10 AVX512 3.59 / 2.04x, AVX2 2.20 / 1.71x (DEFAULT 0.90 /
+# 0.96x, so never there); 64x256->10 (164K) 0.89-1.02 / 1.09-1.13x; 256x256->1 (65K) 0.64-0.72 /
+# 0.79-0.94x, the op's fixed cost: hence NARROW_MIN_MACS.
+NARROW_MAX_OUT = {"AVX512": 14, "AVX2": 11}.get(torch.backends.cpu.get_cpu_capability(), 0)
+NARROW_MIN_IN = 16
+NARROW_MIN_MACS = 1 << 19
+
 
 def cpu_engine_linear(x, weight, bias):
-    """F.linear, on CPU tensors of at least ENGINE_MIN_MACS through bigmodel's engine
-    (:func:`bigmodel.fused_linear` with no activation), which picks the GEMM library per CPU level:
-    fwd+bwd at 2048 tokens on the AVX-512 EPYC 1.35-1.98x F.linear, AVX2 1.02-1.06x, DEFAULT
-    0.99-1.00x (bench/NOTES.md, "Zen 5 again"). Elsewhere (CUDA, small layers) F.linear itself."""
-    if x.is_cpu and x.numel() * weight.shape[0] >= ENGINE_MIN_MACS:
-        return fused_linear(x, weight, bias, activation=None)
+    """F.linear, on CPU through bigmodel's engine (:func:`bigmodel.fused_linear` with no
+    activation) where that measured faster: tensors of at least ENGINE_MIN_MACS, where the engine
+    picks the GEMM library per CPU level (fwd+bwd at 2048 tokens on the AVX-512 EPYC 1.35-1.98x
+    F.linear, AVX2 1.02-1.06x, DEFAULT 0.99-1.00x; bench/NOTES.md, "Zen 5 again"), and narrow
+    layers from NARROW_MIN_MACS. Elsewhere (CUDA, small layers) F.linear itself."""
+    if x.is_cpu:
+        out_features, in_features = weight.shape
+        macs = x.numel() * out_features
+        narrow = out_features <= NARROW_MAX_OUT and in_features >= NARROW_MIN_IN and macs >= NARROW_MIN_MACS
+        if macs >= ENGINE_MIN_MACS or narrow:
+            return fused_linear(x, weight, bias, activation=None)
     return F.linear(x, weight, bias)
 
 
@@ -27,9 +44,10 @@ class Linear(torch.nn.Linear):
     r"""Drop-in :class:`torch.nn.Linear`: :math:`y = x A^T + b`, on CPU through bigmodel's engine.
 
     Same constructor, parameters, initialization, ``state_dict`` keys and ``repr`` as torch's (it
-    subclasses it). On CPU tensors of at least ``ENGINE_MIN_MACS`` multiply-adds the product runs
-    on :func:`bigmodel.fused_linear` with no activation (oneDNN where it beats MKL, the narrow
-    kernel for a few outputs); otherwise, and on other devices, it is ``F.linear``.
+    subclasses it). On CPU tensors of at least ``ENGINE_MIN_MACS`` multiply-adds, and on narrow
+    layers (at most ``NARROW_MAX_OUT`` outputs, from ``NARROW_MIN_MACS``), the product runs on
+    :func:`bigmodel.fused_linear` with no activation (oneDNN where it beats MKL, the narrow
+    kernels for a few outputs); otherwise, and on other devices, it is ``F.linear``.
     Use :meth:`from_torch` to convert an existing layer without copying its parameters.
     """
 

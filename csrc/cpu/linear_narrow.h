@@ -22,6 +22,10 @@ constexpr int64_t kNarrowMaxNAvx2 = 11, kNarrowMaxNAvx512 = 14;
   namespace cap {                                                                             \
   void narrow_rows(const float* x, int64_t ldx, const float* w, const float* bias, float* z,  \
                    int64_t rows, int64_t K, int64_t N);                                       \
+  void narrow_grad_input_rows(const float* dz, const float* w, float* dx, int64_t rows,       \
+                              int64_t K, int64_t N);                                          \
+  void narrow_grad_weight_cols(const float* dz, const float* x, float* dw, int64_t M,         \
+                               int64_t K, int64_t N, int64_t k0, int64_t k1);                 \
   }
 BIGMODEL_LINEAR_NARROW_DECLARE(AVX2)
 BIGMODEL_LINEAR_NARROW_DECLARE(AVX512)
@@ -56,6 +60,65 @@ inline void narrow_forward(const float* x, int64_t ldx, const float* w, const fl
   });
 #else
   (void)x, (void)ldx, (void)w, (void)bias, (void)z, (void)M, (void)K, (void)N;
+#endif
+}
+
+// ---- Backward: dX = dz W and dW = dz^T x for the same narrow layers, by the engine's own
+// kernels (linear_narrow_kernel.h): dX as R x C register tiles of an N-term outer-product sum
+// (W, 10 KB, stays in L1), dW as groups of 5 output features x C column vectors summed down the
+// M rows, in fixed spans. Each output's order of summation is fixed by the shape alone, so the
+// results do not depend on the thread count: threads split dX by rows and dW by columns.
+
+// Columns a dW task spans: the widest column tile of each level (4 and 2 vectors).
+constexpr int64_t kGradWeightChunkAvx512 = 64, kGradWeightChunkAvx2 = 16;
+
+// Whether the narrow kernels compute this fp32 backward: the forward's shapes, with dX and x
+// small enough for the whole-tensor backward (under kLargeOutputBytes).
+inline bool narrow_backward_applies(int64_t M, int64_t K, int64_t N) {
+  return narrow_applies(M, K, N) && M * K * 4 < (int64_t(32) << 20);
+}
+
+// dz (M, N), w (N, K), dx (M, K): all contiguous.
+inline void narrow_grad_input(const float* dz, const float* w, float* dx, int64_t M, int64_t K,
+                              int64_t N) {
+#if BIGMODEL_CPU_VECTOR_VARIANTS
+  const bool avx512 = cpu_level() == CpuLevel::kAvx512;
+  const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(1, K * N));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    if (avx512) {
+      AVX512::narrow_grad_input_rows(dz + r0 * N, w, dx + r0 * K, r1 - r0, K, N);
+    } else {
+      AVX2::narrow_grad_input_rows(dz + r0 * N, w, dx + r0 * K, r1 - r0, K, N);
+    }
+  });
+#else
+  (void)dz, (void)w, (void)dx, (void)M, (void)K, (void)N;
+#endif
+}
+
+// dz (M, N), x (M, K), dw (N, K): all contiguous; dw written in full (M == 0: zeros).
+inline void narrow_grad_weight(const float* dz, const float* x, float* dw, int64_t M, int64_t K,
+                               int64_t N) {
+#if BIGMODEL_CPU_VECTOR_VARIANTS
+  if (M == 0) {
+    std::fill(dw, dw + N * K, 0.f);
+    return;
+  }
+  const bool avx512 = cpu_level() == CpuLevel::kAvx512;
+  const int64_t chunk = avx512 ? kGradWeightChunkAvx512 : kGradWeightChunkAvx2;
+  const int64_t chunks = (K + chunk - 1) / chunk;
+  // ~64 KFLOP a task at least, as in the forward.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, chunk * M * N));
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    const int64_t k0 = c0 * chunk, k1 = std::min(K, c1 * chunk);
+    if (avx512) {
+      AVX512::narrow_grad_weight_cols(dz, x, dw, M, K, N, k0, k1);
+    } else {
+      AVX2::narrow_grad_weight_cols(dz, x, dw, M, K, N, k0, k1);
+    }
+  });
+#else
+  (void)dz, (void)x, (void)dw, (void)M, (void)K, (void)N;
 #endif
 }
 

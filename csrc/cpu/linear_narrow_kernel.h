@@ -82,6 +82,145 @@ void narrow_rows(const float* x, int64_t ldx, const float* w, const float* bias,
   for (; r < rows; ++r) narrow_row_group<1>(x + r * ldx, ldx, w, bias, z + r * N, K, N);
 }
 
+// ---- Backward. dz (M, N) is narrow, so both gradient GEMMs are an outer-product sum over N
+// (dX) or a long sum over M into a tiny output (dW), shapes MKL's panels also run at a fraction
+// of its rate (1024x256->10: dX 45 us, dW 82 us on Zen 5, 2 threads).
+
+// Loads and stores of the last column vector of a tile: whole, or its first `tail` lanes.
+template <bool Tail>
+inline Vectorized<float> load_cols(const float* p, int64_t tail) {
+  return Tail ? Vectorized<float>::loadu(p, tail) : Vectorized<float>::loadu(p);
+}
+template <bool Tail>
+inline void store_cols(const Vectorized<float>& v, float* p, int64_t tail) {
+  Tail ? v.store(p, tail) : v.store(p);
+}
+
+// dX rows [0, R) x C column vectors: dx[r, k] = sum over n of dz[r, n] w[n, k], n in order (the
+// summation order is fixed by N alone). The last vector holds `tail` lanes where Tail.
+template <int R, int C, bool Tail>
+inline void grad_input_tile(const float* dz, int64_t N, const float* w, int64_t K, float* dx,
+                            int64_t tail) {
+  using V = Vectorized<float>;
+  constexpr int64_t Wd = V::size();
+  V acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) acc[r][c] = V(0.f);
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    V wv[C];
+    for (int c = 0; c < C; ++c) {
+      wv[c] = c == C - 1 ? load_cols<Tail>(w + n * K + c * Wd, tail) : V::loadu(w + n * K + c * Wd);
+    }
+    for (int r = 0; r < R; ++r) {
+      const V d(dz[r * N + n]);
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(d, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      float* out = dx + r * K + c * Wd;
+      c == C - 1 ? store_cols<Tail>(acc[r][c], out, tail) : acc[r][c].store(out);
+    }
+  }
+}
+
+// Tile shapes: R x C accumulators plus C weight vectors and a broadcast in the registers
+// (AVX2's 16: 4 x 2 + 2 + 1; AVX-512's 32: 4 x 4 + 4 + 1).
+constexpr int kGradRows = 4;
+constexpr int kGradCols = Vectorized<float>::size() >= 16 ? 4 : 2;
+
+template <int R>
+inline void grad_input_row_group(const float* dz, const float* w, float* dx, int64_t K,
+                                 int64_t N) {
+  constexpr int64_t Wd = Vectorized<float>::size();
+  int64_t k = 0;
+  for (; k + kGradCols * Wd <= K; k += kGradCols * Wd) {
+    grad_input_tile<R, kGradCols, false>(dz, N, w + k, K, dx + k, Wd);
+  }
+  for (; k + Wd <= K; k += Wd) grad_input_tile<R, 1, false>(dz, N, w + k, K, dx + k, Wd);
+  if (k < K) grad_input_tile<R, 1, true>(dz, N, w + k, K, dx + k, K - k);
+}
+
+void narrow_grad_input_rows(const float* dz, const float* w, float* dx, int64_t rows, int64_t K,
+                            int64_t N) {
+  int64_t r = 0;
+  for (; r + kGradRows <= rows; r += kGradRows) {
+    grad_input_row_group<kGradRows>(dz + r * N, w, dx + r * K, K, N);
+  }
+  for (; r < rows; ++r) grad_input_row_group<1>(dz + r * N, w, dx + r * K, K, N);
+}
+
+// dW rows [n0, n0 + G) x C column vectors over the rows [0, M) of dz and x: a fresh register sum
+// per span of kGradWeightSpan rows, each added to dw in span order (the first one stored), so the
+// rounding grows with the span, as in a GEMM's blocked reduction, not with M.
+constexpr int64_t kGradWeightSpan = 256;
+
+template <int G, int C, bool Tail>
+inline void grad_weight_tile(const float* dz, int64_t N, const float* x, int64_t K, int64_t M,
+                             float* dw, int64_t tail) {
+  using V = Vectorized<float>;
+  constexpr int64_t Wd = V::size();
+  for (int64_t i0 = 0; i0 < M; i0 += kGradWeightSpan) {
+    const int64_t i1 = std::min(M, i0 + kGradWeightSpan);
+    V acc[G][C];
+    for (int g = 0; g < G; ++g) {
+      for (int c = 0; c < C; ++c) acc[g][c] = V(0.f);
+    }
+    for (int64_t i = i0; i < i1; ++i) {
+      V xv[C];
+      for (int c = 0; c < C; ++c) {
+        xv[c] = c == C - 1 ? load_cols<Tail>(x + i * K + c * Wd, tail) : V::loadu(x + i * K + c * Wd);
+      }
+      for (int g = 0; g < G; ++g) {
+        const V d(dz[i * N + g]);
+        for (int c = 0; c < C; ++c) acc[g][c] = at::vec::fmadd(d, xv[c], acc[g][c]);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int c = 0; c < C; ++c) {
+        float* out = dw + g * K + c * Wd;
+        V v = acc[g][c];
+        if (i0 > 0) v = v + (c == C - 1 ? load_cols<Tail>(out, tail) : V::loadu(out));
+        c == C - 1 ? store_cols<Tail>(v, out, tail) : v.store(out);
+      }
+    }
+  }
+}
+
+// Groups of dW rows: G x C accumulators, C x vectors and a broadcast (AVX2: 5 x 2 + 2 + 1;
+// AVX-512: 5 x 4 + 4 + 1), so x is read once per 5 output features.
+constexpr int kGradWeightGroup = 5;
+
+template <int C, bool Tail>
+inline void grad_weight_cols(const float* dz, const float* x, float* dw, int64_t M, int64_t K,
+                             int64_t N, int64_t tail) {
+  int64_t n = 0;
+  for (; n + kGradWeightGroup <= N; n += kGradWeightGroup) {
+    grad_weight_tile<kGradWeightGroup, C, Tail>(dz + n, N, x, K, M, dw + n * K, tail);
+  }
+  const float* dzn = dz + n;
+  float* dwn = dw + n * K;
+  switch (N - n) {
+    case 4: grad_weight_tile<4, C, Tail>(dzn, N, x, K, M, dwn, tail); break;
+    case 3: grad_weight_tile<3, C, Tail>(dzn, N, x, K, M, dwn, tail); break;
+    case 2: grad_weight_tile<2, C, Tail>(dzn, N, x, K, M, dwn, tail); break;
+    case 1: grad_weight_tile<1, C, Tail>(dzn, N, x, K, M, dwn, tail); break;
+    default: break;
+  }
+}
+
+void narrow_grad_weight_cols(const float* dz, const float* x, float* dw, int64_t M, int64_t K,
+                             int64_t N, int64_t k0, int64_t k1) {
+  constexpr int64_t Wd = Vectorized<float>::size();
+  int64_t k = k0;
+  for (; k + kGradCols * Wd <= k1; k += kGradCols * Wd) {
+    grad_weight_cols<kGradCols, false>(dz, x + k, dw + k, M, K, N, Wd);
+  }
+  for (; k + Wd <= k1; k += Wd) grad_weight_cols<1, false>(dz, x + k, dw + k, M, K, N, Wd);
+  if (k < k1) grad_weight_cols<1, true>(dz, x + k, dw + k, M, K, N, k1 - k);
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace linear
 }  // namespace bigmodel

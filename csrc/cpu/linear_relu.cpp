@@ -29,6 +29,7 @@
 #include "large_output.h"
 #include "linear_act.h"
 #include "linear_narrow.h"
+#include "transpose.h"
 
 #if AT_MKL_ENABLED()
 // MKL's C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the lowercase
@@ -186,13 +187,16 @@ void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
 //    64x256->10 0.34-0.58x.
 //  * AVX2: oneDNN from 4 MFLOP and only for M >= 1024, or a narrow forward (N <= 16); see
 //    plan_gemms.
-//  * dW = dZ^T X: oneDNN reads dZ^T through a reorder, a fresh copy of dZ (in the Transformer
-//    step's 2048x256->1024 FFN: 4.2 ms of copy + 13.8 ms of GEMM against MKL's 10.6 ms at AVX2,
-//    6.8 + 14.7 ms against 16.9 ms at AVX512), so it pays only where the GEMM is long against
-//    that copy, K >= kOnednnGradWeightMinK (AVX2 alone 1.05-1.10x there, AVX512 1.4-2x), or, at
-//    AVX512, where dZ is small enough to stay in cache (1024x256->10: 1.41x); and only while the
-//    reduction (M) is at most kOnednnGradWeightMaxRows (2 threads, M=16384: 14.4 ms oneDNN vs
-//    11.5 MKL; M=65536: 0.55-0.68x, and its result there depended on the thread count).
+//  * dW = dZ^T X: oneDNN takes dZ^T as a contiguous operand. Handed the strided view, torch's
+//    wrapper copied it at ~2 GB/s (1.05 ms for the seed MLP's (1024, 512) dZ, 4.2 ms in the
+//    Transformer step's FFN), and every earlier dW measurement counted that copy; now
+//    transposed_copy (transpose.h) makes it in 16 x 16 register blocks. Op backward on Zen 5,
+//    2 threads, MKL dW -> oneDNN dW: AVX512 1.3-2.0x at every shape with K >= 256 (256x256->512
+//    573-652 -> 432-443 us, 2048x1024->256 11.4-11.7 -> 5.7-6.2 ms), a tie at 256x100->256;
+//    AVX2 (capped) 1.05-1.2x where K >= 512 (1024x784->512 9.4-9.6 -> 7.9-8.0 ms), ties below.
+//    Only while the reduction (M) is at most kOnednnGradWeightMaxRows (2 threads, M=16384:
+//    14.4 ms oneDNN vs 11.5 MKL; M=65536: 0.55-0.68x, and its result there depended on the
+//    thread count).
 //  * Tensors of 32 MB and more stay on the blocked MKL path at every level: there the page
 //    faults of a fresh output cost more than the GEMM, and that path writes into huge pages
 //    (65536x128->128: 12.6 ms blocked MKL vs 15-16 ms oneDNN into its own 4 KB-page output).
@@ -202,8 +206,7 @@ struct GemmPlan {
 };
 
 constexpr int64_t kOnednnGradWeightMaxRows = 4096;
-constexpr int64_t kOnednnGradWeightMinK = 512;
-constexpr int64_t kOnednnGradWeightMinNK = 512 * 512;
+constexpr int64_t kOnednnGradWeightMinKAvx512 = 256, kOnednnGradWeightMinKAvx2 = 512;
 constexpr int64_t kAvx2OnednnMinRows = 1024;
 constexpr int64_t kAvx2OnednnNarrowN = 16;
 
@@ -214,14 +217,14 @@ constexpr int64_t kAvx2OnednnNarrowN = 16;
 // 0.12-0.81; capped to AVX2: fwd 0.86-1.12, dX 0.71-1.13, dW 0.15-0.91), so MKL runs all three.
 // On AMD, where MKL runs its AVX2 code:
 //  * AVX512: fwd and dX 1.08-1.59 from 5 MFLOP (256x100->256, 13 MFLOP: 0.98-1.01, a tie);
-//    dW 1.01-1.19 where K >= 512 and N*K >= 512^2, else 0.82-1.01 (K = 100-256, or N = 256).
+//    dW: see above (those figures, with the slow copy, had oneDNN win only at K >= 512).
 //  * AVX2: fwd 0.69-0.99 and dX 0.83-1.05 for M <= 1024, 1.03-1.18 from M = 2048; a narrow
-//    output (N = 10) 1.60 fwd, 1.10 dX; dW 0.61-1.00 everywhere, so never oneDNN. That was Zen 5
-//    capped to AVX2. On a native AVX2 EPYC (Zen 3, 2026-12-02, 2 threads, wall time, the
+//    output (N = 10) 1.60 fwd, 1.10 dX. That was Zen 5 capped to AVX2. On a native AVX2 EPYC (Zen 3, 2026-12-02, 2 threads, wall time, the
 //    libraries' own threading): fwd / dX 1.10 / 1.14 at 1024x784->512, 1.05 / 1.09 at
 //    1024x512->256, 1.02-1.34 / 0.99-1.19 from M = 2048; M = 256: 0.82-1.10 / 0.66-1.05; N = 10
-//    at M = 1024: fwd 1.31, dX 0.74; dW 0.55-0.99. So oneDNN from M = 1024, and a narrow output
-//    on oneDNN for its forward only.
+//    at M = 1024: fwd 1.31, dX 0.74; dW 0.55-0.99 with the slow copy (not yet measured there
+//    with transposed_copy). So oneDNN from M = 1024, and a narrow output on oneDNN for its
+//    forward only.
 GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   GemmPlan p;
   const CpuLevel level = cpu_level();
@@ -234,8 +237,8 @@ GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   const bool onednn_rows = avx512 || M >= kAvx2OnednnMinRows;
   p.fwd = M * N * elt < kLargeOutputBytes && (onednn_rows || N <= kAvx2OnednnNarrowN);
   p.dx = small && (avx512 || (onednn_rows && N > kAvx2OnednnNarrowN));
-  p.dw = avx512 && small && M <= kOnednnGradWeightMaxRows && K >= kOnednnGradWeightMinK &&
-         N * K >= kOnednnGradWeightMinNK;
+  p.dw = small && M <= kOnednnGradWeightMaxRows &&
+         K >= (avx512 ? kOnednnGradWeightMinKAvx512 : kOnednnGradWeightMinKAvx2);
   return p;
 }
 
@@ -519,8 +522,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     } else if (!pass_grad) {
       dz_rows(act, grad, saved, 0, M, dz);
     }
-    return {need_dx ? (p.dx ? onednn_mm_bt(dz, weight.t()) : at::mm(dz, weight)) : none(),
-            need_dw ? (p.dw ? onednn_mm_bt(dz.t(), input.t()) : at::mm(dz.t(), input)) : none(),
+    at::Tensor dx, dw;
+    if (input.scalar_type() == at::kFloat && narrow_backward_applies(M, K, N)) {
+      // A narrow layer (linear_narrow.h): the engine's own kernels for both products.
+      const float* d = dz.data_ptr<float>();
+      if (need_dx) {
+        dx = at::empty({M, K}, opts);
+        narrow_grad_input(d, weight.data_ptr<float>(), dx.data_ptr<float>(), M, K, N);
+      }
+      if (need_dw) {
+        dw = at::empty({N, K}, opts);
+        narrow_grad_weight(d, input.data_ptr<float>(), dw.data_ptr<float>(), M, K, N);
+      }
+    } else {
+      if (need_dx) dx = p.dx ? onednn_mm_bt(dz, weight.t()) : at::mm(dz, weight);
+      if (need_dw) dw = p.dw ? onednn_mm_bt(transposed_copy(dz), input.t()) : at::mm(dz.t(), input);
+    }
+    return {need_dx ? dx : none(), need_dw ? dw : none(),
             need_db ? (db.defined() ? db : dz.sum(0)) : none()};
   }
   // Written by the first block, accumulated by the others (no zero-fill pass; M == 0 is zeros).
