@@ -283,7 +283,7 @@ def _own_plan(M, K, N):
             own.add("y")
         if small and (avx512 or (rows and N > 16)):
             own.add("dx")
-        if small and M <= 4096 and K >= (256 if avx512 else 512):
+        if small and rows and M <= 4096 and K >= (256 if avx512 else 512):
             own.add("dw")
     # A narrow layer (csrc/cpu/linear_narrow.h) is the engine's own dot products, forward and
     # backward.

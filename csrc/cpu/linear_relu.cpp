@@ -193,7 +193,8 @@ void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
 //    transposed_copy (transpose.h) makes it in 16 x 16 register blocks. Op backward on Zen 5,
 //    2 threads, MKL dW -> oneDNN dW: AVX512 1.3-2.0x at every shape with K >= 256 (256x256->512
 //    573-652 -> 432-443 us, 2048x1024->256 11.4-11.7 -> 5.7-6.2 ms), a tie at 256x100->256;
-//    AVX2 (capped) 1.05-1.2x where K >= 512 (1024x784->512 9.4-9.6 -> 7.9-8.0 ms), ties below.
+//    AVX2 (capped) 1.05-1.2x where K >= 512 (1024x784->512 9.4-9.6 -> 7.9-8.0 ms), ties below;
+//    at AVX2 only from M = 1024, as the forward (the native Zen 3 put oneDNN behind MKL below).
 //    Only while the reduction (M) is at most kOnednnGradWeightMaxRows (2 threads, M=16384:
 //    14.4 ms oneDNN vs 11.5 MKL; M=65536: 0.55-0.68x, and its result there depended on the
 //    thread count).
@@ -237,7 +238,7 @@ GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   const bool onednn_rows = avx512 || M >= kAvx2OnednnMinRows;
   p.fwd = M * N * elt < kLargeOutputBytes && (onednn_rows || N <= kAvx2OnednnNarrowN);
   p.dx = small && (avx512 || (onednn_rows && N > kAvx2OnednnNarrowN));
-  p.dw = small && M <= kOnednnGradWeightMaxRows &&
+  p.dw = small && onednn_rows && M <= kOnednnGradWeightMaxRows &&
          K >= (avx512 ? kOnednnGradWeightMinKAvx512 : kOnednnGradWeightMinKAvx2);
   return p;
 }
