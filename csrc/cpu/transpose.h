@@ -11,8 +11,8 @@ namespace bigmodel {
 
 #define BIGMODEL_TRANSPOSE_DECLARE(cap)                                                       \
   namespace cap {                                                                             \
-  void transpose_row_span(const float* src, int64_t rows, int64_t cols, float* dst,           \
-                          int64_t r0, int64_t r1);                                            \
+  void transpose_col_span(const float* src, int64_t rows, int64_t cols, float* dst,           \
+                          int64_t c0, int64_t c1);                                            \
   }
 BIGMODEL_TRANSPOSE_DECLARE(AVX2)
 BIGMODEL_TRANSPOSE_DECLARE(AVX512)
@@ -29,15 +29,15 @@ inline at::Tensor transposed_copy(const at::Tensor& t) {
   at::Tensor out = at::empty({C, R}, t.options());
   const float* src = t.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  // Spans of 16 source rows (whole blocks), ~16K elements a task at least.
-  const int64_t blocks = (R + 15) / 16;
-  const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, C));
+  // Spans of 16 source columns (whole blocks), ~16K elements a task at least.
+  const int64_t blocks = (C + 15) / 16;
+  const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, R));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const int64_t r0 = b0 * 16, r1 = std::min(R, b1 * 16);
+    const int64_t c0 = b0 * 16, c1 = std::min(C, b1 * 16);
     if (level == CpuLevel::kAvx512) {
-      AVX512::transpose_row_span(src, R, C, dst, r0, r1);
+      AVX512::transpose_col_span(src, R, C, dst, c0, c1);
     } else {
-      AVX2::transpose_row_span(src, R, C, dst, r0, r1);
+      AVX2::transpose_col_span(src, R, C, dst, c0, c1);
     }
   });
   return out;

@@ -7,23 +7,26 @@
 namespace bigmodel {
 namespace CPU_CAPABILITY {
 
-// Source rows [r0, r1) of src (rows, cols) into columns [r0, r1) of dst (cols, rows): full
-// 16 x 16 blocks through at::vec's register transpose, the edges element by element.
-void transpose_row_span(const float* src, int64_t rows, int64_t cols, float* dst, int64_t r0,
-                        int64_t r1) {
+// Source columns [c0, c1) of src (rows, cols) into rows [c0, c1) of dst (cols, rows): 16 x 16
+// blocks through at::vec's register transpose, down the source's rows, so each destination row
+// is written as one sequential stream; the edges element by element. (Across the rows instead,
+// each block wrote 16 lines a power-of-two stride apart, into one L1 set: 227 vs 87 us for a
+// (1024, 512) matrix on Zen 5 at AVX2, against 24 us for a plain clone.)
+void transpose_col_span(const float* src, int64_t rows, int64_t cols, float* dst, int64_t c0,
+                        int64_t c1) {
   constexpr int64_t B = 16;
-  int64_t i = r0;
-  for (; i + B <= r1; i += B) {
-    int64_t j = 0;
-    for (; j + B <= cols; j += B) {
+  const int64_t full_rows = rows / B * B;
+  int64_t j = c0;
+  for (; j + B <= c1; j += B) {
+    for (int64_t i = 0; i < full_rows; i += B) {
       at::vec::transpose_mxn<float, B, B>(src + i * cols + j, cols, dst + j * rows + i, rows);
     }
-    for (; j < cols; ++j) {
-      for (int64_t r = i; r < i + B; ++r) dst[j * rows + r] = src[r * cols + j];
+    for (int64_t c = j; c < j + B; ++c) {
+      for (int64_t i = full_rows; i < rows; ++i) dst[c * rows + i] = src[i * cols + c];
     }
   }
-  for (; i < r1; ++i) {
-    for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+  for (; j < c1; ++j) {
+    for (int64_t i = 0; i < rows; ++i) dst[j * rows + i] = src[i * cols + j];
   }
 }
 
