@@ -12,6 +12,9 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include "cpu/linear_act.h"
+#include "cpu/linear_narrow.h"
+
 #if BIGMODEL_WITH_CUDA
 #include "cuda/fused_linear_cublaslt.h"
 #include "cuda/linear_relu_cublaslt.h"
@@ -46,6 +49,11 @@ bool built_with_cuda() { return BIGMODEL_WITH_CUDA != 0; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bigmodel C++ engine: op schemas and CPU kernels (registered with torch.library)";
   m.def("built_with_cuda", &bigmodel::built_with_cuda, "Whether the CUDA sources were compiled in");
+  // Read once by bigmodel.nn.Linear, so its routing follows the engine's own plan.
+  m.def("cpu_narrow_max_out", &bigmodel::linear::narrow_max_n,
+        "The most output features the CPU engine's narrow kernels take at this CPU level (0: none)");
+  m.def("cpu_plain_linear_min_macs", &bigmodel::linear::plain_linear_min_macs,
+        "Multiply-adds from which a plain Linear is faster on the CPU engine than F.linear here");
 #if BIGMODEL_WITH_CUDA
   // Not ops: the CUDA kernel of bigmodel::linear_relu calls these under the 'cublaslt' backend.
   m.def("cublaslt_linear_relu", &bigmodel::cublaslt::linear_relu_forward,

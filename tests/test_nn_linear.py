@@ -36,6 +36,19 @@ def test_large_cpu_calls_run_on_the_engine_small_ones_on_f_linear():
     assert engine_ops(lambda: small(torch.randn(8, 16))) == set()
 
 
+def test_cut_off_follows_the_engines_plan():
+    """8M multiply-adds on an AMD CPU at AVX512 (oneDNN from a few MFLOP), 64M elsewhere (the
+    engine's plan is MKL's call there): a 128x256->256 layer (8M) is on the engine only on the
+    former, a 64x256->256 one (4M) nowhere."""
+    level = torch.backends.cpu.get_cpu_capability()
+    with open("/proc/cpuinfo") as f:
+        intel = "GenuineIntel" in f.read()
+    assert ENGINE_MIN_MACS == (8 << 20 if level == "AVX512" and not intel else 64 << 20)
+    mid = bigmodel.nn.Linear(256, 256)
+    assert ("bigmodel::fused_linear" in engine_ops(lambda: mid(torch.randn(128, 256)))) == (ENGINE_MIN_MACS <= 8 << 20)
+    assert engine_ops(lambda: mid(torch.randn(64, 256))) == set()
+
+
 def test_narrow_layers_run_on_the_engine_at_the_vector_levels():
     """A classifier's last layer (the seed MLP's 256 -> 10 at batch 1024) runs on the engine's
     narrow kernels at AVX2 and AVX512; at DEFAULT (no narrow kernel) and below NARROW_MIN_MACS it

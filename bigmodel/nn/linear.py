@@ -3,24 +3,29 @@ import torch
 import torch.nn.functional as F
 
 from bigmodel.nn._convert import sharing
+from bigmodel.ops import _registry
 from bigmodel.ops.fused_linear import fused_linear
 
-# From this many multiply-adds (M * K * N) a call takes >= ~0.7 ms, so the engine's extra ~6 us
-# (the op's dispatch and checks) is under 1% wherever its plan is torch's own GEMM call (Intel,
-# DEFAULT, AVX2 below 1024 rows); below it small layers stay F.linear. Measured on the AVX-512
-# EPYC, forward, engine / F.linear: 0.41x at 8x16->8, 0.65x at 1M, 1.20x at 4M, 1.81x at 16M
-# (oneDNN); at AVX2 (MKL's call below 1024 rows) 0.90x at 4M, 0.96x at 16M, 0.98x at 32M, 1.12x at 64M.
-ENGINE_MIN_MACS = 64 << 20
-
-# A narrow layer (a classifier's last Linear: the seed MLP's 256 -> 10) runs on the engine's own
-# narrow kernels (csrc/cpu/linear_narrow.h) from far fewer multiply-adds: at the vector levels
-# they beat MKL's panels. Out-features bound per level, as the C++ side's (kNarrowMaxNAvx2,
-# kNarrowMaxNAvx512); at DEFAULT there is no narrow kernel. Read once: ATen fixes its capability
-# at start-up, and a constant keeps torch.compile's graph whole. Measured on Zen 5, engine /
-# F.linear, fwd / fwd+bwd: 1024x256->10 AVX512 3.59 / 2.04x, AVX2 2.20 / 1.71x (DEFAULT 0.90 /
-# 0.96x, so never there); 64x256->10 (164K) 0.89-1.02 / 1.09-1.13x; 256x256->1 (65K) 0.64-0.72 /
-# 0.79-0.94x, the op's fixed cost: hence NARROW_MIN_MACS.
-NARROW_MAX_OUT = {"AVX512": 14, "AVX2": 11}.get(torch.backends.cpu.get_cpu_capability(), 0)
+# Where a plain Linear (no activation) runs on bigmodel's engine instead of F.linear, as the
+# engine's C++ plan answers for this CPU and level (csrc/cpu/linear_relu.cpp,
+# plain_linear_min_macs; csrc/cpu/linear_narrow.h, narrow_max_n), read once at import: ATen fixes
+# its capability at start-up, and constants keep torch.compile's graph whole.
+#  * ENGINE_MIN_MACS: from this many multiply-adds (M * K * N). 8M on an AMD CPU at AVX512, where
+#    the plan has oneDNN from a few MFLOP (engine / F.linear, Zen 5, fwd / fwd+bwd: 0.87-1.11 /
+#    1.03-1.21x at 4M, 1.25 / 1.38x at 8M, 1.72 / 1.61x at 16M); else 64M, where the engine's extra ~6 us (the op's dispatch and
+#    checks) is under 1% wherever its plan is torch's own GEMM call (Intel, DEFAULT, AVX2 below
+#    1024 rows; at AVX2 0.90x at 4M, 0.96x at 16M, 1.12x at 64M).
+#  * A narrow layer (a classifier's last Linear: the seed MLP's 256 -> 10), at most
+#    NARROW_MAX_OUT outputs (14 at AVX512, 11 at AVX2, 0 at DEFAULT, which has no narrow kernel)
+#    and NARROW_MIN_IN inputs, runs on the engine's narrow kernels from NARROW_MIN_MACS: Zen 5,
+#    engine / F.linear, fwd / fwd+bwd, 1024x256->10 AVX512 3.59 / 2.04x, AVX2 2.20 / 1.71x
+#    (DEFAULT 0.90 / 0.96x); 64x256->10 (164K) 0.89-1.02 / 1.09-1.13x; 256x256->1 (65K)
+#    0.64-0.72 / 0.79-0.94x, the op's fixed cost.
+if _registry.has_ops():
+    ENGINE_MIN_MACS = _registry._C.cpu_plain_linear_min_macs()
+    NARROW_MAX_OUT = _registry._C.cpu_narrow_max_out()
+else:  # no extension: fused_linear raises ExtensionNotBuilt, as for every other op
+    ENGINE_MIN_MACS, NARROW_MAX_OUT = 64 << 20, 0
 NARROW_MIN_IN = 16
 NARROW_MIN_MACS = 1 << 19
 

@@ -31,5 +31,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
     const char* op, const Activation& act, const at::Tensor& grad_output, const at::Tensor& saved,
     const at::Tensor& input, const at::Tensor& weight, std::array<bool, 3> output_mask);
 
+// The fewest multiply-adds (M * K * N) from which a plain Linear (no activation) is faster on
+// the engine than through F.linear at this CPU and level: bigmodel.nn.Linear's cut-off.
+int64_t plain_linear_min_macs();
+
 }  // namespace linear
 }  // namespace bigmodel

@@ -35,12 +35,20 @@ BIGMODEL_LINEAR_NARROW_DECLARE(AVX512)
 // level, with K long enough for the vector lanes. BIGMODEL_NO_NARROW=1 turns it off (to measure
 // against). Against oneDNN's AVX2 and AVX-512 kernels, where the plan would otherwise use them
 // for a narrow forward (AMD): 1.3-1.6x at N = 10 on the Xeon; on AMD itself not yet measured.
-inline bool narrow_applies(int64_t M, int64_t K, int64_t N) {
+// The most output features the narrow kernels take at the level the engine runs at: 0 at
+// DEFAULT, or with BIGMODEL_NO_NARROW set. (bigmodel.nn.Linear reads it too, once.)
+inline int64_t narrow_max_n() {
   const CpuLevel level = cpu_level();
-  if (!BIGMODEL_CPU_VECTOR_VARIANTS || level == CpuLevel::kDefault) return false;
+  if (!BIGMODEL_CPU_VECTOR_VARIANTS || level == CpuLevel::kDefault) return 0;
   static const bool off = std::getenv("BIGMODEL_NO_NARROW") != nullptr;
-  const int64_t max_n = level == CpuLevel::kAvx512 ? kNarrowMaxNAvx512 : kNarrowMaxNAvx2;
-  return !off && M > 0 && N > 0 && N <= max_n && K >= 16;
+  return off ? 0 : level == CpuLevel::kAvx512 ? kNarrowMaxNAvx512 : kNarrowMaxNAvx2;
+}
+
+// Inputs at least this long for the narrow kernels (a row is one vector at least).
+constexpr int64_t kNarrowMinK = 16;
+
+inline bool narrow_applies(int64_t M, int64_t K, int64_t N) {
+  return M > 0 && N > 0 && N <= narrow_max_n() && K >= kNarrowMinK;
 }
 
 // z (M, N, contiguous) = x W^T (+ bias): x (M, K) with row stride ldx and unit column stride,

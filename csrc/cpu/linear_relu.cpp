@@ -316,6 +316,18 @@ void epilogue_into(const Activation& act, const at::Tensor& z, const at::Tensor&
 
 }  // namespace
 
+// Where plan_gemms sends a Linear's products to oneDNN from a few MFLOP (AMD at AVX512), the
+// engine wins from ~8M multiply-adds: engine / F.linear, Zen 5, fwd / fwd+bwd: 64x256->256 (4M)
+// 0.87 / 1.03x, 64x512->128 (4M) 1.11 / 1.21x, 128x256->256 (8M) 1.25 / 1.38x, 256x256->256
+// 1.72 / 1.61x, 128x1024->512 1.99 / 2.05x. Elsewhere its plan below 1024 rows is MKL's call, F.linear's own, plus the op's
+// ~6 us (AVX2: 0.90x at 4M, 0.96x at 16M, 1.12x at 64M, where 1024 rows reach oneDNN; Intel and
+// DEFAULT: MKL's call at every size), so from 64M, where those 6 us are under 1%.
+int64_t plain_linear_min_macs() {
+  const bool onednn_early = cpu_level() == CpuLevel::kAvx512 && !mkl_runs_full_width() &&
+                            onednn_linear() != nullptr;
+  return onednn_early ? int64_t(8) << 20 : int64_t(64) << 20;
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Activation& act,
                                                       const at::Tensor& input_,
                                                       const at::Tensor& weight_,
