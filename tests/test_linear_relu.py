@@ -311,7 +311,13 @@ def test_cpp_plans_match_float64(shape):
     assert_linear_relu_matches(y.detach(), x, w, b, g, {"x": dx, "w": dw, "b": db}, f"plan {shape}")
 
 
-@pytest.mark.parametrize("shape", PLAN_SHAPES + [pytest.param((65536, 128, 128), id="blocked-32MB")], ids=str)
+# Tensors of 32 MB and more, block by block: MKL's grid (K = N = 128), and oneDNN per block of at
+# most 4096 rows on AMD at AVX512 (both dimensions >= 256; odd M, K, N).
+BLOCKED_SHAPES = [pytest.param((65536, 128, 128), id="blocked-32MB"),
+                  pytest.param((8200, 260, 1030), id="blocked-onednn-33MB")]
+
+
+@pytest.mark.parametrize("shape", PLAN_SHAPES + BLOCKED_SHAPES, ids=str)
 def test_cpp_thread_count_does_not_change_results(shape):
     own = _own_plan(*shape)
     x, w, b, g = _plan_inputs(*shape)
@@ -349,13 +355,15 @@ def test_cpp_narrow_layer_matches_float64(M, K, N):
     assert torch.isnan(ours[2][:, K // 3]).all()
 
 
-def test_cpp_blocked_32mb_matches_float64():
-    """Tensors of 32 MB and more run block by block, and this narrow layer's dW (128 x 128 over
-    65536 rows, one tile) sums its reduction in fixed spans, one partial each (mkl_mm): output
-    and every gradient against float64."""
-    x, w, b, g = _plan_inputs(65536, 128, 128)
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES)
+def test_cpp_blocked_32mb_matches_float64(shape):
+    """Tensors of 32 MB and more run block by block: on MKL's grid, where this narrow layer's dW
+    (128 x 128 over 65536 rows, one tile) sums its reduction in fixed spans, one partial each
+    (mkl_mm), or on oneDNN per block (dX copied into place, dW added block by block): output and
+    every gradient against float64."""
+    x, w, b, g = _plan_inputs(*shape)
     y, dx, dw, db = _engine_grads(x, w, b, g)
-    assert_linear_relu_matches(y.detach(), x, w, b, g, {"x": dx, "w": dw, "b": db}, "blocked 32 MB")
+    assert_linear_relu_matches(y.detach(), x, w, b, g, {"x": dx, "w": dw, "b": db}, f"blocked {shape}")
 
 
 def test_cpp_reused_large_outputs_never_alias_live_ones():

@@ -198,9 +198,10 @@ void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
 //    Only while the reduction (M) is at most kOnednnGradWeightMaxRows (2 threads, M=16384:
 //    14.4 ms oneDNN vs 11.5 MKL; M=65536: 0.55-0.68x, and its result there depended on the
 //    thread count).
-//  * Tensors of 32 MB and more stay on the blocked MKL path at every level: there the page
-//    faults of a fresh output cost more than the GEMM, and that path writes into huge pages
-//    (65536x128->128: 12.6 ms blocked MKL vs 15-16 ms oneDNN into its own 4 KB-page output).
+//  * Tensors of 32 MB and more are never one whole oneDNN call: the page faults of its fresh
+//    output cost more than the GEMM, while the blocked path writes into huge pages (65536x128->128:
+//    12.6 ms blocked MKL vs 15-16 ms oneDNN into its own 4 KB-page output). They run block by
+//    block, on MKL's grid, or per block on oneDNN where onednn_blocks says so.
 struct GemmPlan {
   bool fwd = false, dx = false, dw = false;  // true: oneDNN, false: MKL
   bool any() const { return fwd || dx || dw; }
@@ -241,6 +242,24 @@ GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   p.dw = small && onednn_rows && M <= kOnednnGradWeightMaxRows &&
          K >= (avx512 ? kOnednnGradWeightMinKAvx512 : kOnednnGradWeightMinKAvx2);
   return p;
+}
+
+// Tensors of 32 MB and more (the blocked path) on AMD at AVX512: each block's products on oneDNN
+// where both dimensions are at least kOnednnBlockMinDim, blocks of at most
+// kOnednnGradWeightMaxRows rows (so each product is one the small-tensor plan also trusts, and
+// its result does not depend on the thread count). The block's output is oneDNN's own (a fresh
+// block, reused by malloc from block to block, not a fresh 32 MB tensor): the forward's
+// epilogue reads it and writes y (and pre) in the huge-page output, the one pass it makes
+// anyway; dX is copied into place (one more pass over a cached block), dW added up block by
+// block in order. Measured on Zen 5 (2 threads, per-block oneDNN against the blocked MKL grid):
+// fwd 16384x256->1024 46.3 -> 41.0 ms, 16384x1024->1024 184 -> 108 ms; bwd 104 -> 77 ms and
+// 428 -> 232 ms (eager 112 and 404); 65536x128->128 loses (fwd 12.7 -> 17.2 ms), hence the bound.
+// At AVX2 capped the blocked MKL path stayed ahead (fwd 16384x256->1024 47.2 vs 61.9 ms).
+constexpr int64_t kOnednnBlockMinDim = 256;
+
+bool onednn_blocks(at::ScalarType compute, int64_t K, int64_t N) {
+  return compute == at::kFloat && cpu_level() == CpuLevel::kAvx512 && !mkl_runs_full_width() &&
+         onednn_linear() != nullptr && std::min(K, N) >= kOnednnBlockMinDim;
 }
 
 at::Tensor detached(const at::Tensor& t) { return t.detach(); }
@@ -415,7 +434,9 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
   at::Tensor out = new_output();
   at::Tensor pre = want_pre ? new_output() : no_pre;
   const at::Tensor wt = w.t();
-  const int64_t block = rows_per_block(M, N, x.element_size());
+  const bool on_onednn = !widen && onednn_blocks(compute, K, N);
+  const int64_t block = on_onednn ? std::min(rows_per_block(M, N, x.element_size()), kOnednnGradWeightMaxRows)
+                                  : rows_per_block(M, N, x.element_size());
   // Widened: each block's GEMM writes a float scratch block, which the epilogue rounds into out
   // (and pre). Otherwise it writes pre's block where pre is kept (y computed from it), else y's.
   at::Tensor scratch = widen ? at::empty({std::min(block, M), N}, x.options()) : at::Tensor();
@@ -423,6 +444,12 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
     const int64_t rows = std::min(block, M - r0);
     at::Tensor o = out.narrow(0, r0, rows);
     at::Tensor p = want_pre ? pre.narrow(0, r0, rows) : at::Tensor();
+    if (on_onednn) {  // the block's z (bias included) by oneDNN, then y (and pre) from it
+      const at::Tensor zb = onednn_mm_bt(x.narrow(0, r0, rows), w, b);
+      if (want_pre) p.copy_(zb);
+      epilogue_into(act, zb, o, at::Tensor());
+      continue;
+    }
     at::Tensor z = widen ? scratch.narrow(0, 0, rows) : want_pre ? p : o;
     // The activation runs on each tile of the block's GEMM as soon as it is computed, while it
     // is in that core's cache: each output goes to memory once. The bias is fused by BLAS.
@@ -560,18 +587,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   at::Tensor dx = need_dx ? empty_output({M, K}, opts) : none();
   // Block by block: dz of a block of rows into a cache-resident scratch block, then fed to the dX
   // GEMM, the dW GEMM (accumulated block after block, in order: deterministic) and the db sum.
-  const int64_t block = rows_per_block(M, N, input.element_size());
+  const bool on_onednn = onednn_blocks(input.scalar_type(), K, N);
+  const int64_t block = on_onednn ? std::min(rows_per_block(M, N, input.element_size()), kOnednnGradWeightMaxRows)
+                                  : rows_per_block(M, N, input.element_size());
   at::Tensor scratch = pass_grad ? at::Tensor() : at::empty({std::min(block, M), N}, opts);
   for (int64_t r0 = 0; r0 < M; r0 += block) {
     const int64_t rows = std::min(block, M - r0);
     at::Tensor dz = pass_grad ? grad.narrow(0, r0, rows) : scratch.narrow(0, 0, rows);
     if (!pass_grad) dz_rows(act, grad, saved, r0, rows, dz);
+    const at::Tensor x = input.narrow(0, r0, rows);
     if (need_dx) {
       at::Tensor dx_rows = dx.narrow(0, r0, rows);
-      mkl_mm(dx_rows, dz, weight, std::nullopt, false);
+      if (on_onednn) {
+        dx_rows.copy_(onednn_mm_bt(dz, weight.t()));
+      } else {
+        mkl_mm(dx_rows, dz, weight, std::nullopt, false);
+      }
     }
-    const at::Tensor x = input.narrow(0, r0, rows);
-    if (need_dw) mkl_mm(dw, dz.t(), x, std::nullopt, r0 > 0);
+    if (need_dw && on_onednn) {
+      const at::Tensor part = onednn_mm_bt(transposed_copy(dz), x.t());
+      r0 == 0 ? dw.copy_(part) : dw.add_(part);
+    } else if (need_dw) {
+      mkl_mm(dw, dz.t(), x, std::nullopt, r0 > 0);
+    }
     if (need_db) r0 == 0 ? at::sum_out(db, dz, 0) : db.add_(dz.sum(0));
   }
   return {dx, dw, db};
