@@ -221,11 +221,12 @@ def test_fp32_without_onednn_takes_the_blocked_path():
 
 # (M, K, N) across the plans of csrc/cpu/linear_relu.cpp's plan_gemms at AVX2 and AVX512: all
 # three products on oneDNN (K >= 512); a small K (dW on MKL); dW on oneDNN at AVX512 only
-# (K = 300), its dZ^T from transposed_copy with row and column edges (M, N not multiples of 16);
+# (K = 300), its dZ^T from transposed_copy with row and column edges (M, N not multiples of 16),
+# and over M = 5000 in two chunks (4096 + 904 rows, summed in order);
 # N = 10 at M < 1024 (the narrow kernels) and at M >= 1024; M >= 1024 (oneDNN's forward and dX at
 # AVX2); a product below oneDNN's threshold (torch's own MKL call).
 PLAN_SHAPES = [(1024, 784, 512), (300, 100, 256), (513, 300, 129), (4096, 256, 10), (1100, 784, 10),
-               (600, 784, 10), (64, 40, 12)]
+               (600, 784, 10), (64, 40, 12), (5000, 300, 200)]
 
 
 def _engine_grads(x, w, b, g, fn=None):
@@ -283,7 +284,7 @@ def _own_plan(M, K, N):
             own.add("y")
         if small and (avx512 or (rows and N > 16)):
             own.add("dx")
-        if small and rows and M <= 4096 and K >= (256 if avx512 else 512):
+        if small and rows and (avx512 or M <= 4096) and K >= (256 if avx512 else 512):
             own.add("dw")
     # A narrow layer (csrc/cpu/linear_narrow.h) is the engine's own dot products, forward and
     # backward.
@@ -412,9 +413,17 @@ def test_cpp_low_precision_is_rounded_once(dtype, shape):
 
     ref = _engine_grads(*exact(torch.float64), fn=_eager)
     f32 = _engine_grads(*exact(torch.float32), fn=_eager)
+    # Where a pre-activation lies within float32's error of 0, the ReLU's mask can fall either
+    # way (about one element in 10^6 here): that gradient row of dx and feature of dw and db then
+    # differ by a whole term, not by a rounding. Those are left out (a handful at most).
+    flipped = (ours[0] > 0) != (ref[0] > 0)
+    assert flipped.sum() <= 4, f"{flipped.sum().item()} ReLU masks differ from float64's at {shape}"
+    keep = {"y": torch.ones_like(flipped), "dx": ~flipped.any(1, keepdim=True).expand(-1, shape[1]),
+            "dw": ~flipped.any(0).unsqueeze(1).expand(-1, shape[1]), "db": ~flipped.any(0)}
     for name, o, r, f in zip(("y", "dx", "dw", "db"), ours, ref, f32):
         assert o.dtype == dtype
         excess = (o.double() - r).abs() - _half_ulp(r, dtype) - 4 * (f.double() - r).abs().max()
+        excess = excess[keep[name]]
         assert excess.max() <= 1e-30, f"{name}: {excess.max().item():.3g} beyond one rounding at {shape}"
 
 

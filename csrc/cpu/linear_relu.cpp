@@ -97,6 +97,23 @@ at::Tensor onednn_mm_bt(const at::Tensor& a, const at::Tensor& b,
                                std::nullopt);
 }
 
+constexpr int64_t kOnednnGradWeightMaxRows = 4096;
+
+// dW = dZ^T X on oneDNN, over chunks of at most kOnednnGradWeightMaxRows rows of dZ and X summed
+// in chunk order: each chunk a product whose result does not depend on the thread count, with
+// dZ^T handed over contiguous (transposed_copy; see plan_gemms). dz (M, N) contiguous float,
+// x (M, K), M > 0.
+at::Tensor onednn_grad_weight(const at::Tensor& dz, const at::Tensor& x) {
+  const int64_t M = dz.size(0);
+  at::Tensor dw;
+  for (int64_t r0 = 0; r0 < M; r0 += kOnednnGradWeightMaxRows) {
+    const int64_t rows = std::min(kOnednnGradWeightMaxRows, M - r0);
+    at::Tensor part = onednn_mm_bt(transposed_copy(dz.narrow(0, r0, rows)), x.narrow(0, r0, rows).t());
+    dw = r0 == 0 ? part : dw.add_(part);
+  }
+  return dw;
+}
+
 // out (+)= a @ b (+ bias) by MKL, with a result that does not depend on the thread count. One
 // multithreaded MKL call moves its partition with the thread count, and with it which elements
 // its edge kernels compute (in another order): 44 of 240 shapes with M in 7..1100, K in 5..784,
@@ -195,9 +212,12 @@ void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
 //    573-652 -> 432-443 us, 2048x1024->256 11.4-11.7 -> 5.7-6.2 ms), a tie at 256x100->256;
 //    AVX2 (capped) 1.05-1.2x where K >= 512 (1024x784->512 9.4-9.6 -> 7.9-8.0 ms), ties below;
 //    at AVX2 only from M = 1024, as the forward (the native Zen 3 put oneDNN behind MKL below).
-//    Only while the reduction (M) is at most kOnednnGradWeightMaxRows (2 threads, M=16384:
-//    14.4 ms oneDNN vs 11.5 MKL; M=65536: 0.55-0.68x, and its result there depended on the
-//    thread count).
+//    A longer reduction (M) runs as chunks of at most kOnednnGradWeightMaxRows rows, summed in
+//    order (onednn_grad_weight): one oneDNN call over M=65536 depended on the thread count, and
+//    at M=16384 lost to MKL (14.4 vs 11.5 ms, the copy included). In chunks, against MKL's one
+//    call, AVX512: 16384x256->256 11.6 -> 9.8 ms, 8192x784->512 31.4 -> 17.5 ms (with torch's
+//    slow transpose still in); K = 128 a tie. At AVX2 still only up to 4096 rows (unmeasured
+//    beyond).
 //  * Tensors of 32 MB and more are never one whole oneDNN call: the page faults of its fresh
 //    output cost more than the GEMM, while the blocked path writes into huge pages (65536x128->128:
 //    12.6 ms blocked MKL vs 15-16 ms oneDNN into its own 4 KB-page output). They run block by
@@ -207,7 +227,6 @@ struct GemmPlan {
   bool any() const { return fwd || dx || dw; }
 };
 
-constexpr int64_t kOnednnGradWeightMaxRows = 4096;
 constexpr int64_t kOnednnGradWeightMinKAvx512 = 256, kOnednnGradWeightMinKAvx2 = 512;
 constexpr int64_t kAvx2OnednnMinRows = 1024;
 constexpr int64_t kAvx2OnednnNarrowN = 16;
@@ -239,7 +258,7 @@ GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
   const bool onednn_rows = avx512 || M >= kAvx2OnednnMinRows;
   p.fwd = M * N * elt < kLargeOutputBytes && (onednn_rows || N <= kAvx2OnednnNarrowN);
   p.dx = small && (avx512 || (onednn_rows && N > kAvx2OnednnNarrowN));
-  p.dw = small && onednn_rows && M <= kOnednnGradWeightMaxRows &&
+  p.dw = small && onednn_rows && (avx512 || M <= kOnednnGradWeightMaxRows) &&
          K >= (avx512 ? kOnednnGradWeightMinKAvx512 : kOnednnGradWeightMinKAvx2);
   return p;
 }
@@ -576,7 +595,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       }
     } else {
       if (need_dx) dx = p.dx ? onednn_mm_bt(dz, weight.t()) : at::mm(dz, weight);
-      if (need_dw) dw = p.dw ? onednn_mm_bt(transposed_copy(dz), input.t()) : at::mm(dz.t(), input);
+      if (need_dw) dw = p.dw ? onednn_grad_weight(dz, input) : at::mm(dz.t(), input);
     }
     return {need_dx ? dx : none(), need_dw ? dw : none(),
             need_db ? (db.defined() ? db : dz.sum(0)) : none()};
@@ -605,7 +624,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       }
     }
     if (need_dw && on_onednn) {
-      const at::Tensor part = onednn_mm_bt(transposed_copy(dz), x.t());
+      const at::Tensor part = onednn_grad_weight(dz, x);
       r0 == 0 ? dw.copy_(part) : dw.add_(part);
     } else if (need_dw) {
       mkl_mm(dw, dz.t(), x, std::nullopt, r0 > 0);
