@@ -240,8 +240,8 @@ constexpr int64_t kAvx2OnednnNarrowN = 16;
 //  * AVX512: fwd and dX 1.08-1.59 from 5 MFLOP (256x100->256, 13 MFLOP: 0.98-1.01, a tie);
 //    dW: see above (those figures, with the slow copy, had oneDNN win only at K >= 512).
 //  * AVX2: fwd 0.69-0.99 and dX 0.83-1.05 for M <= 1024, 1.03-1.18 from M = 2048; a narrow
-//    output (N = 10) 1.60 fwd, 1.10 dX. That was Zen 5 capped to AVX2. On a native AVX2 EPYC (Zen 3, 2026-12-02, 2 threads, wall time, the
-//    libraries' own threading): fwd / dX 1.10 / 1.14 at 1024x784->512, 1.05 / 1.09 at
+//    output (N = 10) 1.60 fwd, 1.10 dX. That was Zen 5 capped to AVX2. On a native AVX2 EPYC
+//    (Zen 3, 2026-12-02, 2 threads, wall time, the libraries' own threading): fwd / dX 1.10 / 1.14 at 1024x784->512, 1.05 / 1.09 at
 //    1024x512->256, 1.02-1.34 / 0.99-1.19 from M = 2048; M = 256: 0.82-1.10 / 0.66-1.05; N = 10
 //    at M = 1024: fwd 1.31, dX 0.74; dW 0.55-0.99 with the slow copy (not yet measured there
 //    with transposed_copy). So oneDNN from M = 1024, and a narrow output on oneDNN for its
@@ -266,14 +266,14 @@ GemmPlan plan_gemms(at::ScalarType compute, int64_t M, int64_t K, int64_t N) {
 // Tensors of 32 MB and more (the blocked path) on AMD at AVX512: each block's products on oneDNN
 // where both dimensions are at least kOnednnBlockMinDim, blocks of at most
 // kOnednnGradWeightMaxRows rows (so each product is one the small-tensor plan also trusts, and
-// its result does not depend on the thread count). The block's output is oneDNN's own (a fresh
-// block, reused by malloc from block to block, not a fresh 32 MB tensor): the forward's
-// epilogue reads it and writes y (and pre) in the huge-page output, the one pass it makes
-// anyway; dX is copied into place (one more pass over a cached block), dW added up block by
-// block in order. Measured on Zen 5 (2 threads, per-block oneDNN against the blocked MKL grid):
-// fwd 16384x256->1024 46.3 -> 41.0 ms, 16384x1024->1024 184 -> 108 ms; bwd 104 -> 77 ms and
-// 428 -> 232 ms (eager 112 and 404); 65536x128->128 loses (fwd 12.7 -> 17.2 ms), hence the bound.
-// At AVX2 capped the blocked MKL path stayed ahead (fwd 16384x256->1024 47.2 vs 61.9 ms).
+// its result does not depend on the thread count). The block's output is oneDNN's own (a block
+// from torch's allocator, not a fresh 32 MB tensor): the forward's epilogue reads it and writes
+// y (and pre) in the huge-page output, the one pass it makes anyway; dX is copied into place
+// (one more pass over a cached block), dW added up block by block in order. Zen 5, 2 threads,
+// the blocked MKL grid -> oneDNN blocks (eager): fwd 16384x256->1024 46.3 -> 23.6 ms (84),
+// 16384x1024->1024 184 -> 86 ms (212); bwd 104 -> 62 ms (128), 428 -> 184 ms (392). A
+// prototype of it lost at 65536x128->128 (fwd 12.7 -> 17.2 ms), hence the bound; at AVX2
+// capped too (fwd 16384x256->1024 47.2 vs 61.9 ms), so the grid stays there.
 constexpr int64_t kOnednnBlockMinDim = 256;
 
 bool onednn_blocks(at::ScalarType compute, int64_t K, int64_t N) {
@@ -357,9 +357,10 @@ void epilogue_into(const Activation& act, const at::Tensor& z, const at::Tensor&
 // Where plan_gemms sends a Linear's products to oneDNN from a few MFLOP (AMD at AVX512), the
 // engine wins from ~8M multiply-adds: engine / F.linear, Zen 5, fwd / fwd+bwd: 64x256->256 (4M)
 // 0.87 / 1.03x, 64x512->128 (4M) 1.11 / 1.21x, 128x256->256 (8M) 1.25 / 1.38x, 256x256->256
-// 1.72 / 1.61x, 128x1024->512 1.99 / 2.05x. Elsewhere its plan below 1024 rows is MKL's call, F.linear's own, plus the op's
-// ~6 us (AVX2: 0.90x at 4M, 0.96x at 16M, 1.12x at 64M, where 1024 rows reach oneDNN; Intel and
-// DEFAULT: MKL's call at every size), so from 64M, where those 6 us are under 1%.
+// 1.72 / 1.61x, 128x1024->512 1.99 / 2.05x. Elsewhere its plan below 1024 rows is MKL's call,
+// F.linear's own, plus the op's ~6 us (AVX2: 0.90x at 4M, 0.96x at 16M, 1.12x at 64M, where
+// 1024 rows reach oneDNN; Intel and DEFAULT: MKL's call at every size), so from 64M, where those
+// 6 us are under 1%.
 int64_t plain_linear_min_macs() {
   const bool onednn_early = cpu_level() == CpuLevel::kAvx512 && !mkl_runs_full_width() &&
                             onednn_linear() != nullptr;
@@ -454,8 +455,8 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
   at::Tensor pre = want_pre ? new_output() : no_pre;
   const at::Tensor wt = w.t();
   const bool on_onednn = !widen && onednn_blocks(compute, K, N);
-  const int64_t block = on_onednn ? std::min(rows_per_block(M, N, x.element_size()), kOnednnGradWeightMaxRows)
-                                  : rows_per_block(M, N, x.element_size());
+  const int64_t block = std::min(rows_per_block(M, N, x.element_size()),
+                                 on_onednn ? kOnednnGradWeightMaxRows : M);
   // Widened: each block's GEMM writes a float scratch block, which the epilogue rounds into out
   // (and pre). Otherwise it writes pre's block where pre is kept (y computed from it), else y's.
   at::Tensor scratch = widen ? at::empty({std::min(block, M), N}, x.options()) : at::Tensor();
@@ -607,8 +608,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   // Block by block: dz of a block of rows into a cache-resident scratch block, then fed to the dX
   // GEMM, the dW GEMM (accumulated block after block, in order: deterministic) and the db sum.
   const bool on_onednn = onednn_blocks(input.scalar_type(), K, N);
-  const int64_t block = on_onednn ? std::min(rows_per_block(M, N, input.element_size()), kOnednnGradWeightMaxRows)
-                                  : rows_per_block(M, N, input.element_size());
+  const int64_t block = std::min(rows_per_block(M, N, input.element_size()),
+                                 on_onednn ? kOnednnGradWeightMaxRows : M);
   at::Tensor scratch = pass_grad ? at::Tensor() : at::empty({std::min(block, M), N}, opts);
   for (int64_t r0 = 0; r0 < M; r0 += block) {
     const int64_t rows = std::min(block, M - r0);
