@@ -11,6 +11,7 @@ The interpreter runs fp32 and fp16 only (its bf16 computes on raw bit patterns; 
 dot), at ~2.5 ms per 64-wide inner step: Triton gets small shapes.
 """
 import contextlib
+import functools
 
 import torch
 
@@ -43,3 +44,14 @@ def deterministic():
         yield
     finally:
         torch.use_deterministic_algorithms(old, warn_only=old_warn)
+
+
+@functools.lru_cache(maxsize=None)
+def intel_cpu():
+    """Whether the CPU is Intel's, where MKL runs its full-width code and the cpp path's GEMM plan
+    never picks oneDNN (csrc/cpu/cpu_vec.h, mkl_runs_full_width)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.split(":")[-1].strip() == "GenuineIntel" for line in f if line.startswith("vendor_id"))
+    except OSError:
+        return False

@@ -4,7 +4,6 @@ float64 reference by the house rule (tests/tolerances.py). The tests marked cuda
 (bench/device_check.sh), with Triton and the cuBLASLt backend.
 """
 import contextlib
-import functools
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from bigmodel.ops import _registry
 from bigmodel.reference import ref_linear_relu
 from error_table import check_row, rows_of
 from far_apart import GAP, far_apart, small_footprint  # noqa: F401  (a fixture)
-from paths import PATHS, deterministic, on
+from paths import PATHS, deterministic, intel_cpu, on
 from peers import assert_linear_relu_matches, linear_relu_grads
 
 # Triton under the interpreter costs ~ms per tile step: keep its shapes small.
@@ -257,17 +256,6 @@ def _with_threads(n, fn):
         torch.set_num_threads(old)
 
 
-@functools.lru_cache(maxsize=None)
-def _intel_cpu():
-    """Whether the CPU is Intel's, where MKL runs its full-width code and plan_gemms never picks
-    oneDNN (csrc/cpu/cpu_vec.h, mkl_runs_full_width)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.split(":")[-1].strip() == "GenuineIntel" for line in f if line.startswith("vendor_id"))
-    except OSError:
-        return False
-
-
 def _own_plan(M, K, N):
     """The results the engine's own plans fix by the shape alone, whatever the thread count
     (mirrors plan_gemms): every one for tensors of 32 MB and more (the blocked grid at every
@@ -278,7 +266,7 @@ def _own_plan(M, K, N):
     small = M * max(N, K) * elt < 32 << 20
     avx512, avx2 = level.startswith("AVX512"), level == "AVX2"
     own = set()
-    if not _intel_cpu() and (avx512 and flops >= 2e6 or avx2 and flops >= 4e6):
+    if not intel_cpu() and (avx512 and flops >= 2e6 or avx2 and flops >= 4e6):
         rows = avx512 or M >= 1024
         if M * N * elt < 32 << 20 and (rows or N <= 16):
             own.add("y")

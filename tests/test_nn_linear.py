@@ -5,6 +5,7 @@ from torch import nn
 
 import bigmodel
 from bigmodel.nn.linear import ENGINE_MIN_MACS, NARROW_MAX_OUT, NARROW_MIN_MACS
+from paths import intel_cpu
 from tolerances import assert_grads_match, assert_matches
 
 
@@ -41,9 +42,7 @@ def test_cut_off_follows_the_engines_plan():
     engine's plan is MKL's call there): a 128x256->256 layer (8M) is on the engine only on the
     former, a 64x256->256 one (4M) nowhere."""
     level = torch.backends.cpu.get_cpu_capability()
-    with open("/proc/cpuinfo") as f:
-        intel = "GenuineIntel" in f.read()
-    assert ENGINE_MIN_MACS == (8 << 20 if level == "AVX512" and not intel else 64 << 20)
+    assert ENGINE_MIN_MACS == (8 << 20 if level == "AVX512" and not intel_cpu() else 64 << 20)
     mid = bigmodel.nn.Linear(256, 256)
     assert ("bigmodel::fused_linear" in engine_ops(lambda: mid(torch.randn(128, 256)))) == (ENGINE_MIN_MACS <= 8 << 20)
     assert engine_ops(lambda: mid(torch.randn(64, 256))) == set()

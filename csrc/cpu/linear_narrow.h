@@ -9,6 +9,7 @@
 #pragma once
 
 #include "cpu_vec.h"
+#include "large_output.h"
 
 namespace bigmodel {
 namespace linear {
@@ -83,7 +84,7 @@ constexpr int64_t kGradWeightChunkAvx512 = 64, kGradWeightChunkAvx2 = 16;
 // Whether the narrow kernels compute this fp32 backward: the forward's shapes, with dX and x
 // small enough for the whole-tensor backward (under kLargeOutputBytes).
 inline bool narrow_backward_applies(int64_t M, int64_t K, int64_t N) {
-  return narrow_applies(M, K, N) && M * K * 4 < (int64_t(32) << 20);
+  return narrow_applies(M, K, N) && M * K * 4 < kLargeOutputBytes;
 }
 
 // dz (M, N), w (N, K), dx (M, K): all contiguous.

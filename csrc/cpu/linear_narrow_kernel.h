@@ -96,33 +96,46 @@ inline void store_cols(const Vectorized<float>& v, float* p, int64_t tail) {
   Tail ? v.store(p, tail) : v.store(p);
 }
 
+// The C column vectors of one row at p, the last holding `tail` lanes where Tail.
+template <int C, bool Tail>
+inline void load_row(const float* p, int64_t tail, Vectorized<float> (&v)[C]) {
+  constexpr int64_t Wd = Vectorized<float>::size();
+  for (int c = 0; c < C; ++c) {
+    v[c] = c == C - 1 ? load_cols<Tail>(p + c * Wd, tail) : Vectorized<float>::loadu(p + c * Wd);
+  }
+}
+template <int C, bool Tail>
+inline void store_row(const Vectorized<float> (&v)[C], float* p, int64_t tail) {
+  constexpr int64_t Wd = Vectorized<float>::size();
+  for (int c = 0; c < C; ++c) {
+    c == C - 1 ? store_cols<Tail>(v[c], p + c * Wd, tail) : v[c].store(p + c * Wd);
+  }
+}
+
+// One rank-1 step of both backward products: acc[a][c] += s[a * stride] * row[c] for A scalars
+// (a column of dz for dX, a row of dz for dW) and the C column vectors of one row (of W, of x).
+template <int A, int C, bool Tail>
+inline void rank1_update(Vectorized<float> (&acc)[A][C], const float* s, int64_t stride,
+                         const float* row, int64_t tail) {
+  Vectorized<float> v[C];
+  load_row<C, Tail>(row, tail, v);
+  for (int a = 0; a < A; ++a) {
+    const Vectorized<float> d(s[a * stride]);
+    for (int c = 0; c < C; ++c) acc[a][c] = at::vec::fmadd(d, v[c], acc[a][c]);
+  }
+}
+
 // dX rows [0, R) x C column vectors: dx[r, k] = sum over n of dz[r, n] w[n, k], n in order (the
 // summation order is fixed by N alone). The last vector holds `tail` lanes where Tail.
 template <int R, int C, bool Tail>
 inline void grad_input_tile(const float* dz, int64_t N, const float* w, int64_t K, float* dx,
                             int64_t tail) {
-  using V = Vectorized<float>;
-  constexpr int64_t Wd = V::size();
-  V acc[R][C];
+  Vectorized<float> acc[R][C];
   for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) acc[r][c] = V(0.f);
+    for (int c = 0; c < C; ++c) acc[r][c] = Vectorized<float>(0.f);
   }
-  for (int64_t n = 0; n < N; ++n) {
-    V wv[C];
-    for (int c = 0; c < C; ++c) {
-      wv[c] = c == C - 1 ? load_cols<Tail>(w + n * K + c * Wd, tail) : V::loadu(w + n * K + c * Wd);
-    }
-    for (int r = 0; r < R; ++r) {
-      const V d(dz[r * N + n]);
-      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(d, wv[c], acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) {
-      float* out = dx + r * K + c * Wd;
-      c == C - 1 ? store_cols<Tail>(acc[r][c], out, tail) : acc[r][c].store(out);
-    }
-  }
+  for (int64_t n = 0; n < N; ++n) rank1_update<R, C, Tail>(acc, dz + n, N, w + n * K, tail);
+  for (int r = 0; r < R; ++r) store_row<C, Tail>(acc[r], dx + r * K, tail);
 }
 
 // Tile shapes: R x C accumulators plus C weight vectors and a broadcast in the registers
@@ -160,30 +173,20 @@ template <int G, int C, bool Tail>
 inline void grad_weight_tile(const float* dz, int64_t N, const float* x, int64_t K, int64_t M,
                              float* dw, int64_t tail) {
   using V = Vectorized<float>;
-  constexpr int64_t Wd = V::size();
   for (int64_t i0 = 0; i0 < M; i0 += kGradWeightSpan) {
     const int64_t i1 = std::min(M, i0 + kGradWeightSpan);
     V acc[G][C];
     for (int g = 0; g < G; ++g) {
       for (int c = 0; c < C; ++c) acc[g][c] = V(0.f);
     }
-    for (int64_t i = i0; i < i1; ++i) {
-      V xv[C];
-      for (int c = 0; c < C; ++c) {
-        xv[c] = c == C - 1 ? load_cols<Tail>(x + i * K + c * Wd, tail) : V::loadu(x + i * K + c * Wd);
-      }
-      for (int g = 0; g < G; ++g) {
-        const V d(dz[i * N + g]);
-        for (int c = 0; c < C; ++c) acc[g][c] = at::vec::fmadd(d, xv[c], acc[g][c]);
-      }
-    }
+    for (int64_t i = i0; i < i1; ++i) rank1_update<G, C, Tail>(acc, dz + i * N, 1, x + i * K, tail);
     for (int g = 0; g < G; ++g) {
-      for (int c = 0; c < C; ++c) {
-        float* out = dw + g * K + c * Wd;
-        V v = acc[g][c];
-        if (i0 > 0) v = v + (c == C - 1 ? load_cols<Tail>(out, tail) : V::loadu(out));
-        c == C - 1 ? store_cols<Tail>(v, out, tail) : v.store(out);
+      if (i0 > 0) {
+        V sum[C];
+        load_row<C, Tail>(dw + g * K, tail, sum);
+        for (int c = 0; c < C; ++c) acc[g][c] = acc[g][c] + sum[c];
       }
+      store_row<C, Tail>(acc[g], dw + g * K, tail);
     }
   }
 }

@@ -624,11 +624,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
         mkl_mm(dx_rows, dz, weight, std::nullopt, false);
       }
     }
-    if (need_dw && on_onednn) {
-      const at::Tensor part = onednn_grad_weight(dz, x);
-      r0 == 0 ? dw.copy_(part) : dw.add_(part);
-    } else if (need_dw) {
-      mkl_mm(dw, dz.t(), x, std::nullopt, r0 > 0);
+    if (need_dw) {
+      if (on_onednn) {
+        const at::Tensor part = onednn_grad_weight(dz, x);
+        r0 == 0 ? dw.copy_(part) : dw.add_(part);
+      } else {
+        mkl_mm(dw, dz.t(), x, std::nullopt, r0 > 0);
+      }
     }
     if (need_db) r0 == 0 ? at::sum_out(db, dz, 0) : db.add_(dz.sum(0));
   }
