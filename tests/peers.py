@@ -83,7 +83,8 @@ def rounded_operand_floors(q, k, v, grad, attn_mask=None, is_causal=False, scale
     """((rms, max) for the output, [(rms, max) for dq, dk, dv]): the error a FlashAttention kernel
     makes by design in fp16/bf16, where P (forward, dV) and dS (dQ, dK) are rounded to the inputs'
     dtype as the operands of a tensor-core product (kernels/attention.py, as FlashAttention and
-    torch's CUDA flash kernel do; torch's CPU peer keeps them in fp32). None for fp32/fp64.
+    torch's CUDA flash kernel do; torch's CPU peer keeps them in fp32). The forward's rounding of
+    P also reaches dQ and dK through D = rowsum(dO * O). None for fp32/fp64.
 
     Each rounding is off by at most eps/2 relative, uniformly and independently per term, an RMS
     of at most eps / (2 sqrt 3); so an output sum_j p_j v_j is off by a random walk of RMS at most
@@ -105,8 +106,17 @@ def rounded_operand_floors(q, k, v, grad, attn_mask=None, is_causal=False, scale
     pd = p * drop
     out_walk = (pd.square() @ va.square()).sqrt()
     oa = pd @ va
-    ds = p * ((ga @ va.transpose(-2, -1)) * drop - (ga * oa).sum(-1, keepdim=True))
-    walks = [(ds.square() @ ka.square()) * scale**2, (ds.square().transpose(-2, -1) @ qa.square()) * scale**2,
+    dp = (ga @ va.transpose(-2, -1)) * drop
+    ds = p * (dp - (ga * oa).sum(-1, keepdim=True))
+    # D = rowsum(dO * O) reads the output the forward summed from rounded P, while the backward
+    # recomputes P unrounded: row i's D is off by the walk sum_j eps_j p_ij dP_ij, of RMS
+    # eps / (2 sqrt 3) * d_walk_i, and every dS_ij = p_ij (dP_ij - D_i) carries it. In dq that
+    # is D's error times (P K)_i; in dk a walk over the query rows i.
+    d_walk_sq = (pd.square() * dp.square()).sum(-1, keepdim=True)
+    dq_delta = d_walk_sq * (p @ ka).square()
+    dk_delta = (p.square() * d_walk_sq).transpose(-2, -1) @ qa.square()
+    walks = [(ds.square() @ ka.square() + dq_delta) * scale**2,
+             (ds.square().transpose(-2, -1) @ qa.square() + dk_delta) * scale**2,
              pd.square().transpose(-2, -1) @ ga.square()]
     walks = [_summed_back(w, like).sqrt() for w, like in zip(walks, (q, k, v))]
 

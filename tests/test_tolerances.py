@@ -111,3 +111,29 @@ def test_an_error_is_rejected_with_the_rounded_operand_floors(dtype, error):
     p = torch.softmax(q64 @ k64.transpose(-2, -1) / 8, -1)
     by_design = (p.to(dtype).double() @ v64).to(dtype)
     assert not check(by_design, case["peer"], case["out64"], FORWARD, rounded=rounded_out)
+
+
+def test_the_rounded_operand_floors_predict_the_error_through_d():
+    """FlashAttention's D = rowsum(dO * O) reads an output summed from P rounded to fp16, while
+    its backward recomputes P unrounded, so dS rows no longer sum to 0. Over few keys that is the
+    largest error in dq and dk (a fuzzed fp16 case: 5x torch's). The floors' model of it must be
+    the error's size, neither a blanket (a loose floor would let real errors through) nor short
+    of it. An emulation of the kernels' roundings (P for P V, dS for the gradient products) in
+    float64: the prediction is 1.5-2x its RMS over seeds (uniform relative rounding, an upper
+    model); without the D term the emulation is 1.4-1.8x over the prediction."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 2, n, 40, generator=gen).half() for n in (4, 5, 5))
+    grad = torch.randn(8, 2, 4, 40, generator=gen).half()
+    scale = 0.54
+    _, (dq_floor, dk_floor, _) = rounded_operand_floors(q, k, v, grad, scale=scale)
+    q64, k64, v64, g64 = (t.double() for t in (q, k, v, grad))
+    p = torch.softmax(q64 @ k64.transpose(-2, -1) * scale, -1)
+    out_rounded_p = p.half().double() @ v64
+    ds = p * (g64 @ v64.transpose(-2, -1) - (g64 * out_rounded_p).sum(-1, keepdim=True))
+    exact = p * (g64 @ v64.transpose(-2, -1) - (g64 * (p @ v64)).sum(-1, keepdim=True))
+    for name, got, truth, (floor_rms, _) in (
+            ("dq", ds.half().double() @ k64 * scale, exact @ k64 * scale, dq_floor),
+            ("dk", ds.half().double().transpose(-2, -1) @ q64 * scale, exact.transpose(-2, -1) @ q64 * scale,
+             dk_floor)):
+        err = (got - truth).square().mean().sqrt().item()
+        assert err <= floor_rms <= 2.5 * err, f"{name}: error {err:.3g}, predicted {floor_rms:.3g}"
