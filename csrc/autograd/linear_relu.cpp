@@ -44,10 +44,14 @@ class LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> 
     // The ReLU mask is recomputed from the output in backward: no separate mask tensor.
     ctx->save_for_backward({input, weight, out});
     ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->set_materialize_grads(false);  // see backward
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Nothing flowed back to the output: no gradient for any input, as eager's nodes give
+    // (not a zero-filled output and a backward over it).
+    if (!grads[0].defined()) return variable_list(3);
     const auto saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),

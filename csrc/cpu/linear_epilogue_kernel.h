@@ -153,13 +153,32 @@ struct Gelu {
     const T cdf = T(0.5) * (T(1) + std::erf(z * T(kSqrtHalf)));
     return dy * (cdf + z * T(kInvSqrt2Pi) * std::exp(T(-0.5) * z * z));
   }
+  // In float, at::vec's erf written out: 7.1.26 is erf(x) = 1 - t poly(t) exp(-x^2) for x >= 0,
+  // t = 1 / (1 + p x), and with x = |z| / sqrt 2 its exp(-x^2) is the pdf's exp(-z^2 / 2), so
+  // one exp serves both (two before: the dz pass was most of the backward's cost over eager's
+  // GEMMs at AVX2). Phi(-|z|) = t poly(t) e / 2 directly, without 0.5 (1 + erf)'s cancellation
+  // for z < 0. double keeps Sleef's exact erf (gradcheck's precision).
   template <typename T>
   Vectorized<T> bwd(const Vectorized<T>& dy, const Vectorized<T>& z) const {
     using V = Vectorized<T>;
-    const V cdf = V(T(0.5)) * (V(T(1)) + (z * V(T(kSqrtHalf))).erf());
-    const V pdf = V(T(kInvSqrt2Pi)) * (V(T(-0.5)) * z * z).exp();
-    return dy * at::vec::fmadd(z, pdf, cdf);
+    const V e = (V(T(-0.5)) * z * z).exp();
+    V cdf;
+    if constexpr (std::is_same_v<T, float>) {
+      const V t = V(1.0f) / at::vec::fmadd(V(kErfP), z.abs() * V(float(kSqrtHalf)), V(1.0f));
+      V poly = at::vec::fmadd(V(kErfA[4]), t, V(kErfA[3]));
+      poly = at::vec::fmadd(poly, t, V(kErfA[2]));
+      poly = at::vec::fmadd(poly, t, V(kErfA[1]));
+      poly = at::vec::fmadd(poly, t, V(kErfA[0]));
+      const V below = V(0.5f) * poly * t * e;  // Phi(-|z|)
+      cdf = V::blendv(V(1.0f) - below, below, z < V(0.0f));
+    } else {
+      cdf = V(T(0.5)) * (V(T(1)) + (z * V(T(kSqrtHalf))).erf());
+    }
+    return dy * at::vec::fmadd(z, V(T(kInvSqrt2Pi)) * e, cdf);
   }
+  // Abramowitz-Stegun 7.1.26, as at::vec's float erf: p and a1..a5.
+  static constexpr float kErfP = 0.3275911f;
+  static constexpr float kErfA[5] = {0.254829592f, -0.284496736f, 1.421413741f, -1.453152027f, 1.061405429f};
 };
 
 // GELU's tanh approximation, 0.5 z (1 + tanh(u)) with u = sqrt(2/pi) (z + 0.044715 z^3), as
