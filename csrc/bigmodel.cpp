@@ -52,6 +52,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Read once by bigmodel.nn.Linear, so its routing follows the engine's own plan.
   m.def("cpu_narrow_max_out", &bigmodel::linear::narrow_max_n,
         "The most output features the CPU engine's narrow kernels take at this CPU level (0: none)");
+  m.def("cpu_narrow_min_in", [] { return bigmodel::linear::kNarrowMinK; },
+        "The fewest input features the CPU engine's narrow kernels take");
   m.def("cpu_plain_linear_min_macs", &bigmodel::linear::plain_linear_min_macs,
         "Multiply-adds from which a plain Linear is faster on the CPU engine than F.linear here");
 #if BIGMODEL_WITH_CUDA

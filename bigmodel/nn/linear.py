@@ -8,8 +8,8 @@ from bigmodel.ops.fused_linear import fused_linear
 
 # Where a plain Linear (no activation) runs on bigmodel's engine instead of F.linear, as the
 # engine's C++ plan answers for this CPU and level (csrc/cpu/linear_relu.cpp,
-# plain_linear_min_macs; csrc/cpu/linear_narrow.h, narrow_max_n), read once at import: ATen fixes
-# its capability at start-up, and constants keep torch.compile's graph whole.
+# plain_linear_min_macs; csrc/cpu/linear_narrow.h, narrow_max_n and kNarrowMinK), read once at
+# import: ATen fixes its capability at start-up, and constants keep torch.compile's graph whole.
 #  * ENGINE_MIN_MACS: from this many multiply-adds (M * K * N). 8M on an AMD CPU at AVX512, where
 #    the plan has oneDNN from a few MFLOP (engine / F.linear, Zen 5, fwd / fwd+bwd: 0.87-1.11 /
 #    1.03-1.21x at 4M, 1.25 / 1.38x at 8M, 1.72 / 1.61x at 16M); else 64M, where the engine's extra ~6 us (the op's dispatch and
@@ -24,9 +24,9 @@ from bigmodel.ops.fused_linear import fused_linear
 if _registry.has_ops():
     ENGINE_MIN_MACS = _registry._C.cpu_plain_linear_min_macs()
     NARROW_MAX_OUT = _registry._C.cpu_narrow_max_out()
+    NARROW_MIN_IN = _registry._C.cpu_narrow_min_in()
 else:  # no extension: fused_linear raises ExtensionNotBuilt, as for every other op
-    ENGINE_MIN_MACS, NARROW_MAX_OUT = 64 << 20, 0
-NARROW_MIN_IN = 16
+    ENGINE_MIN_MACS, NARROW_MAX_OUT, NARROW_MIN_IN = 64 << 20, 0, 16
 NARROW_MIN_MACS = 1 << 19
 
 
