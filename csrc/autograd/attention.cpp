@@ -52,7 +52,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("bigmodel::attention_backward", "")
                          .typed<Backward>();
-    if (!grads[0].defined()) return variable_list(8);  // nothing flowed back: zero gradients
+    if (!grads[0].defined()) return variable_list(8);  // nothing flowed back: no input gradient
     const auto s = ctx->get_saved_variables();
     auto [dq, dk, dv] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], maybe(s[5]),
                                 ctx->saved_data["dropout_p"].toDouble(),
