@@ -416,11 +416,18 @@ inline Vectorized<acc_t> exp_shifted(const Vectorized<acc_t>& s, const Vectorize
     if constexpr (kMayExceedZero) t = at::vec::clamp_max(t, V(127.f));
     const V f = t + V(kRound);
     const V r = t - (f - V(kRound));
-    V p = at::vec::fmadd(V(c5), r, V(c4));
-    p = at::vec::fmadd(p, r, V(c3));
-    p = at::vec::fmadd(p, r, V(c2));
-    p = at::vec::fmadd(p, r, V(c1));
-    p = at::vec::fmadd(p, r, V(c0));
+#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
+    // DEFAULT: a * b + c, which is what at::vec's generic fmadd computes, written out: GCC had
+    // left that fmadd an out-of-line call per vector.
+    const auto mad = [](const V& a, const V& b, const V& c) { return a * b + c; };
+#else
+    const auto mad = [](const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); };
+#endif
+    V p = mad(V(c5), r, V(c4));
+    p = mad(p, r, V(c3));
+    p = mad(p, r, V(c2));
+    p = mad(p, r, V(c1));
+    p = mad(p, r, V(c0));
     return p * pow2_from_rounded(f);
   }
   return (s - shift).exp_u20();
