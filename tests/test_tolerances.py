@@ -128,9 +128,9 @@ def test_the_rounded_operand_floors_predict_the_error_through_d():
     _, (dq_floor, dk_floor, _) = rounded_operand_floors(q, k, v, grad, scale=scale)
     q64, k64, v64, g64 = (t.double() for t in (q, k, v, grad))
     p = torch.softmax(q64 @ k64.transpose(-2, -1) * scale, -1)
-    out_rounded_p = p.half().double() @ v64
-    ds = p * (g64 @ v64.transpose(-2, -1) - (g64 * out_rounded_p).sum(-1, keepdim=True))
-    exact = p * (g64 @ v64.transpose(-2, -1) - (g64 * (p @ v64)).sum(-1, keepdim=True))
+    dp = g64 @ v64.transpose(-2, -1)
+    ds = p * (dp - (g64 * (p.half().double() @ v64)).sum(-1, keepdim=True))  # D from the rounded-P output
+    exact = p * (dp - (g64 * (p @ v64)).sum(-1, keepdim=True))
     for name, got, truth, (floor_rms, _) in (
             ("dq", ds.half().double() @ k64 * scale, exact @ k64 * scale, dq_floor),
             ("dk", ds.half().double().transpose(-2, -1) @ q64 * scale, exact.transpose(-2, -1) @ q64 * scale,
