@@ -27,9 +27,11 @@ TORCH_LIBRARY(bigmodel, m) {
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // activation: 'none', 'leaky_relu', 'gelu', 'gelu_tanh', 'silu', 'tanh', 'sigmoid' (ReLU is
   // linear_relu). Returns (out, pre): pre = x W^T + b where the derivative needs it, else empty.
+  // keep_pre=False: pre is empty unless autograd records the call (its Autograd kernel then
+  // asks for it), so inference writes one output, not two (bigmodel.fused_linear passes it).
   m.def(
-      "fused_linear(Tensor input, Tensor weight, Tensor? bias, str activation, float negative_slope) "
-      "-> (Tensor, Tensor)");
+      "fused_linear(Tensor input, Tensor weight, Tensor? bias, str activation, float negative_slope, "
+      "bool keep_pre=True) -> (Tensor, Tensor)");
   m.def(
       "fused_linear_backward(Tensor grad_output, Tensor output, Tensor pre, Tensor input, Tensor weight, "
       "str activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");

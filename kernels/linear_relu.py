@@ -447,11 +447,11 @@ def _num_programs(device):
     return _SMS[device.index]
 
 
-def _forward(x, weight, bias, act, negative_slope, where):
+def _forward(x, weight, bias, act, negative_slope, where, keep_pre=True):
     # (y, z or an empty tensor): see fused_linear_fwd.
     M, N, K = _check_fwd(x, weight, bias, where)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    save_pre = saves_pre_activation(act, negative_slope)
+    save_pre = keep_pre and saves_pre_activation(act, negative_slope)
     pre = torch.empty_like(y) if save_pre else x.new_empty(0)
     if M == 0 or N == 0:
         return y, pre
@@ -525,14 +525,14 @@ def linear_relu_bwd(grad, out, x, weight, output_mask):
     return _backward(grad, out, x, weight, output_mask, "relu", 0.0)
 
 
-def fused_linear_fwd(x, weight, bias, act, negative_slope):
+def fused_linear_fwd(x, weight, bias, act, negative_slope, keep_pre=True):
     """(y, pre) for y = act(x @ weight.T + bias), ``act`` one of ACTIVATIONS (``negative_slope``
     is LeakyReLU's); x (M, K) of any strides, weight (N, K), bias (N,) or None, one dtype on one
     device. ``pre`` is z = x W^T + b, contiguous (M, N), where saves_pre_activation says the
-    backward needs it, else an empty tensor."""
+    backward needs it and ``keep_pre`` is set, else an empty tensor (and not stored)."""
     where = f"bigmodel fused_linear forward ({act})"
     _check_act(act, where)
-    return _forward(x, weight, bias, act, negative_slope, where)
+    return _forward(x, weight, bias, act, negative_slope, where, keep_pre)
 
 
 def fused_linear_bwd(grad, out, pre, x, weight, act, negative_slope, output_mask):

@@ -136,6 +136,33 @@ def test_gradcheck_and_opcheck(act):
                    (torch.randn(5, 7).t().requires_grad_(), torch.randn(3, 5).requires_grad_(), None),
                    (torch.randn(0, 5), torch.randn(3, 5), torch.randn(3)), (torch.randn(7, 0), torch.randn(3, 0), None)]:
         torch.library.opcheck(torch.ops.bigmodel.fused_linear.default, (*sample, op_name, slope))
+        torch.library.opcheck(torch.ops.bigmodel.fused_linear.default, (*sample, op_name, slope, False))
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "leaky_relu"])
+@pytest.mark.parametrize("path", ["cpp", "triton"])
+def test_pre_activation_only_where_autograd_records(path, act):
+    """keep_pre=False (what bigmodel.fused_linear passes): no pre-activation in inference, one
+    output written instead of two, with the same values; where autograd records the call it comes
+    back all the same, and the backward that reads it runs."""
+    slope = -0.2 if act == "leaky_relu" else 0.01
+    m, k, n = (37, 19, 23) if path == "cpp" else (9, 7, 5)
+    x, w, b = _inputs(m, k, n, torch.float32)
+    op = torch.ops.bigmodel.fused_linear.default
+    with on(path):
+        with torch.no_grad():
+            kept, pre = op(x, w, b, act, slope, True)
+            out, none = op(x, w, b, act, slope, False)
+            public = bigmodel.fused_linear(x, w, b, act.replace("_tanh", ""), slope,
+                                           "tanh" if act == "gelu_tanh" else "none")
+        assert pre.shape == (m, n) and none.numel() == 0
+        assert torch.equal(out, kept) and torch.equal(public, kept)
+        out, pre = op(x, w, b, act, slope, False)  # recorded: x, w and b require grad
+        assert pre.shape == (m, n) and torch.equal(out.detach(), kept)
+        dx, dw, db = torch.autograd.grad(out, (x, w, b), torch.ones_like(out))
+        ref = torch.autograd.grad(op(x, w, b, act, slope, True)[0], (x, w, b), torch.ones_like(out))
+    for got, want in zip((dx, dw, db), ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 class _DropsGradient(torch.autograd.Function):

@@ -87,7 +87,9 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
         out = ref_fused_linear(x, weight, bias, activation, negative_slope, approximate)
     else:
         _registry.require_ops()
-        out = torch.ops.bigmodel.fused_linear.default(x, weight, bias, name, float(negative_slope))[0]
+        # keep_pre=False: the pre-activation (GELU's and SiLU's backward reads it) only where
+        # autograd records the call; in inference the epilogue runs in place, one output written.
+        out = torch.ops.bigmodel.fused_linear.default(x, weight, bias, name, float(negative_slope), False)[0]
     return out if flat else out.reshape(*input.shape[:-1], weight.shape[0])
 
 
@@ -95,10 +97,10 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
 # Registration of the op defined in csrc/bigmodel.cpp (only when the extension loaded).
 
 
-def _fake_forward(input, weight, bias, activation, negative_slope):
+def _fake_forward(input, weight, bias, activation, negative_slope, keep_pre=True):
     out = input.new_empty(input.shape[0], weight.shape[0])
-    pre = input.new_empty(input.shape[0], weight.shape[0]) if saves_pre_activation(activation, negative_slope) \
-        else input.new_empty(0)
+    pre = input.new_empty(input.shape[0], weight.shape[0]) \
+        if keep_pre and saves_pre_activation(activation, negative_slope) else input.new_empty(0)
     return out, pre
 
 
@@ -110,10 +112,12 @@ def _fake_backward(grad_output, output, pre, input, weight, activation, negative
             output.new_empty(weight.shape[0]) if output_mask[2] else output.new_empty(0))
 
 
-def _cuda_forward(input, weight, bias, activation, negative_slope):
+def _cuda_forward(input, weight, bias, activation, negative_slope, keep_pre=True):
     if backend.current() == "cublaslt":  # raises for an activation cuBLASLt has no epilogue for
-        return tuple(_registry._C.cublaslt_fused_linear(input, weight, bias, activation))
-    return _triton().fused_linear_fwd(input, weight, bias, activation, negative_slope)
+        out, pre = _registry._C.cublaslt_fused_linear(input, weight, bias, activation)
+        # Its GELU_AUX_BIAS epilogue writes the aux output in the same pass; dropped, not kept.
+        return out, pre if keep_pre else pre.new_empty(0)
+    return _triton().fused_linear_fwd(input, weight, bias, activation, negative_slope, keep_pre)
 
 
 def _cuda_backward(grad_output, output, pre, input, weight, activation, negative_slope, output_mask):

@@ -1,7 +1,9 @@
 // Autograd for bigmodel::fused_linear, in C++ like every bigmodel op's (see
 // csrc/autograd/linear_relu.cpp for why). It saves what the op's backward needs: the input, the
 // weight, the output, and the pre-activation the op returns for GELU and SiLU (empty otherwise);
-// bigmodel::fused_linear_backward then runs on whichever device the tensors are.
+// bigmodel::fused_linear_backward then runs on whichever device the tensors are. A call asked not
+// to keep pre (keep_pre=False, as bigmodel.fused_linear asks) gets it all the same where autograd
+// records it: grad mode on and an input that requires grad.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -17,7 +19,7 @@ using torch::autograd::variable_list;
 
 using Forward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                    const std::optional<at::Tensor>&,
-                                                   c10::string_view, double);
+                                                   c10::string_view, double, bool);
 using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     c10::string_view, double, std::array<bool, 3>);
@@ -26,12 +28,12 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, c10::string_view activation,
-                               double negative_slope) {
+                               double negative_slope, bool keep_pre) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("bigmodel::fused_linear", "")
                          .typed<Forward>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, pre] = op.call(input, weight, bias, activation, negative_slope);
+    auto [out, pre] = op.call(input, weight, bias, activation, negative_slope, keep_pre);
     ctx->save_for_backward({input, weight, out, pre});
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["activation"] = std::string(activation);
@@ -49,7 +51,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
                          .findSchemaOrThrow("bigmodel::fused_linear_backward", "")
                          .typed<Backward>();
     // Nothing flowed back to the output: no gradient for any input (None), as eager's nodes give.
-    if (!grads[0].defined()) return variable_list(5);
+    if (!grads[0].defined()) return variable_list(6);
     const auto s = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
@@ -58,14 +60,19 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
     auto [dx, dw, db] = op.call(grads[0], s[2], s[3], s[0], s[1], activation,
                                 ctx->saved_data["negative_slope"].toDouble(), mask);
     return {mask[0] ? dx : at::Tensor(), mask[1] ? dw : at::Tensor(), mask[2] ? db : at::Tensor(),
-            at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(const at::Tensor& input, const at::Tensor& weight,
                                                          const std::optional<at::Tensor>& bias,
-                                                         c10::string_view activation, double negative_slope) {
-  auto outs = FusedLinearFunction::apply(input, weight, bias, activation, negative_slope);
+                                                         c10::string_view activation, double negative_slope,
+                                                         bool keep_pre) {
+  // Where autograd records this call its backward reads pre, whatever the caller asked.
+  const bool recorded = at::GradMode::is_enabled() &&
+                        (input.requires_grad() || weight.requires_grad() ||
+                         (bias.has_value() && bias->defined() && bias->requires_grad()));
+  auto outs = FusedLinearFunction::apply(input, weight, bias, activation, negative_slope, keep_pre || recorded);
   return {outs[0], outs[1]};
 }
 

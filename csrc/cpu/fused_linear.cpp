@@ -33,10 +33,11 @@ Activation parse(c10::string_view name, double slope) {
 std::tuple<at::Tensor, at::Tensor> fused_linear_forward(const at::Tensor& input,
                                                         const at::Tensor& weight,
                                                         const std::optional<at::Tensor>& bias,
-                                                        c10::string_view activation, double slope) {
+                                                        c10::string_view activation, double slope,
+                                                        bool keep_pre) {
   const char* op = "bigmodel::fused_linear";
   linear::check_inputs(op, input, weight, bias);
-  return linear::linear_act_forward(op, parse(activation, slope), input, weight, bias);
+  return linear::linear_act_forward(op, parse(activation, slope), input, weight, bias, keep_pre);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_backward(

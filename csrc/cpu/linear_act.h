@@ -19,11 +19,13 @@ void check_inputs(const char* op, const at::Tensor& input, const at::Tensor& wei
                   const std::optional<at::Tensor>& bias);
 
 // (out, pre): pre is z = x W^T + b, rounded once to the input's dtype, where the backward needs
-// it (derivative_reads_pre(act)), else an empty tensor.
+// it (derivative_reads_pre(act)) and keep_pre is set, else an empty tensor. Without pre the
+// epilogue runs in place on the GEMM's output: one output tensor written instead of two.
 std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Activation& act,
                                                       const at::Tensor& input,
                                                       const at::Tensor& weight,
-                                                      const std::optional<at::Tensor>& bias);
+                                                      const std::optional<at::Tensor>& bias,
+                                                      bool keep_pre = true);
 
 // (dx, dw, db), each empty where output_mask says it is not needed. `saved` is what the
 // forward left for act': pre where derivative_reads_pre(act), else out.

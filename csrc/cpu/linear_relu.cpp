@@ -370,7 +370,8 @@ int64_t plain_linear_min_macs() {
 std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Activation& act,
                                                       const at::Tensor& input_,
                                                       const at::Tensor& weight_,
-                                                      const std::optional<at::Tensor>& bias_) {
+                                                      const std::optional<at::Tensor>& bias_,
+                                                      bool keep_pre) {
   check_inputs(op, input_, weight_, bias_);
   // Kernels run below autograd: the ATen calls inside must not record a graph (and worker
   // threads do not inherit the dispatcher's TLS), so work on detached views.
@@ -378,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
   const std::optional<at::Tensor> bias = detached(bias_);
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   const auto dtype = input.scalar_type();
-  const bool want_pre = derivative_reads_pre(act);
+  const bool want_pre = keep_pre && derivative_reads_pre(act);
   // What the op returns for pre where the backward does not need it.
   const at::Tensor no_pre = at::empty({0}, input.options());
   auto new_output = [&] { return empty_output({M, N}, input.options()); };
