@@ -355,18 +355,22 @@ def test_cpp_blocked_32mb_matches_float64(shape):
     assert_linear_relu_matches(y.detach(), x, w, b, g, {"x": dx, "w": dw, "b": db}, f"blocked {shape}")
 
 
-def test_cpp_reused_large_outputs_never_alias_live_ones():
-    """Outputs of 32 MB and more come from a cache of freed blocks (csrc/cpu/large_output.cpp):
-    a block goes back to a new output only once its tensor is gone, and the new output is written
-    in full. K = 1 keeps the GEMMs cheap; each output is 34 MB, a size no other test makes (the
-    cache hands out blocks of the exact size asked for)."""
-    M, N = 8704, 1024
+@pytest.mark.parametrize("M", [8704, 83], ids=["34MB-huge-pages", "332KB"])
+def test_cpp_reused_outputs_never_alias_live_ones(M):
+    """Outputs of 256 KB and more come from a cache of freed blocks (csrc/cpu/output_cache.cpp),
+    those of 32 MB and more in huge pages: a block goes back to a new output only once its tensor
+    is gone, and the new output is written in full. K = 1 keeps the GEMMs cheap; each output
+    (M x 1024 floats) is of a size no other test makes (the cache hands out blocks of the exact
+    size asked for, in 4 KB pages)."""
+    N = 1024
     op = torch.ops.bigmodel.linear_relu.default
     w, b = torch.randn(N, 1), torch.randn(N)
     xs = [torch.randn(M, 1) for _ in range(4)]
     want = [ref_linear_relu(x.double(), w.double(), b.double()).float() for x in xs]
     first, second = op(xs[0], w, b), op(xs[1], w, b)
     assert first.data_ptr() != second.data_ptr()
+    align = (2 << 20) if M * N * 4 >= 32 << 20 else 4096  # the cache's blocks, not torch's allocator's
+    assert first.data_ptr() % align == 0 and second.data_ptr() % align == 0
     freed = first.data_ptr()
     del first
     third = op(xs[2], w, b)  # may take the freed block: must not touch `second`

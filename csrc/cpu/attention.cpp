@@ -10,6 +10,7 @@
 
 #define CPU_CAPABILITY DEFAULT
 #include "attention_kernel.h"
+#include "output_cache.h"
 
 #include <torch/library.h>
 
@@ -131,8 +132,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
                                                                       a.scale);
     return {out, lse.contiguous()};  // its lse is (B, L, H) in memory; the op's is (B, H, L)
   }
-  at::Tensor out = at::empty({a.B, a.Hq, a.L, a.Ev}, q.options());
-  at::Tensor lse = at::empty({a.B, a.Hq, a.L}, q.options().dtype(at::kFloat));
+  // From the engine's output cache (output_cache.h), as the linear ops' outputs.
+  at::Tensor out = empty_output({a.B, a.Hq, a.L, a.Ev}, q.options());
+  at::Tensor lse = empty_output({a.B, a.Hq, a.L}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
@@ -158,9 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
               lse.scalar_type(), " ", lse.sizes());
   const at::Tensor g = grad_out.detach().to(a.dtype), o = out.detach().to(a.dtype);
   const at::Tensor l = lse.detach().contiguous();
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dq = empty_output(q.sizes(), q.options());
+  at::Tensor dk = empty_output(k.sizes(), k.options());
+  at::Tensor dv = empty_output(v.sizes(), v.options());
   if (dq.numel() == 0 && dk.numel() == 0 && dv.numel() == 0) return {dq, dk, dv};
   if (a.L == 0 || a.Hq == 0) {  // no query sees anything: every gradient is zero
     return {dq.zero_(), dk.zero_(), dv.zero_()};

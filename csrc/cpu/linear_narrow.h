@@ -9,7 +9,7 @@
 #pragma once
 
 #include "cpu_vec.h"
-#include "large_output.h"
+#include "output_cache.h"
 
 namespace bigmodel {
 namespace linear {

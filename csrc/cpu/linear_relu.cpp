@@ -26,7 +26,7 @@
 #include <cstdlib>
 #include <array>
 
-#include "large_output.h"
+#include "output_cache.h"
 #include "linear_act.h"
 #include "linear_narrow.h"
 #include "transpose.h"
@@ -405,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
     const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
     const at::Tensor wc = w.contiguous();
     const at::Tensor bc = b.has_value() ? b->contiguous() : at::Tensor();
-    at::Tensor z = at::empty({M, N}, x.options());
+    at::Tensor z = new_output();
     narrow_forward(xc.data_ptr<float>(), xc.stride(0), wc.data_ptr<float>(),
                    bc.defined() ? bc.data_ptr<float>() : nullptr, z.data_ptr<float>(), M, K, N);
     return activate(z);
@@ -421,8 +421,8 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
   }
   if (!widen && M * N * input.element_size() < kLargeOutputBytes) {
     // torch's own GEMM call, as eager F.linear makes it (one multithreaded MKL call, or native
-    // half / bfloat16), into its own output (its out= variant measured 3% slower: 1.89 vs 1.84
-    // ms at 1024x784->512), then the activation, in place where pre is not kept: eager's
+    // half / bfloat16), into an output from the engine's cache (output_cache.h: no page faults
+    // whatever the heap's history), then the activation, in place where pre is not kept: eager's
     // GEMM without its second pass and second tensor. Where oneDNN does not beat MKL, the fixed
     // grid of single-threaded MKL tiles below ran 0.84-0.95x this call on 2 cores (M = 64-1024;
     // bench/NOTES.md, "linear_relu per level"), so the grid is kept for outputs of 32 MB and
@@ -439,8 +439,13 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
     // epilogue's bias pass ran 0.92-0.93x F.linear at 256-512 x 256->256, AVX2).
     const bool bias_in_epilogue = b.has_value() && (compute == at::kFloat || compute == at::kDouble) &&
                                   cpu_level() != CpuLevel::kDefault && act.kind != Activation::kNone;
-    const at::Tensor z = !b.has_value() || bias_in_epilogue ? at::mm(x, w.t()) : at::addmm(*b, x, w.t());
-    at::Tensor out = want_pre ? at::empty_like(z) : z;
+    at::Tensor z = new_output();
+    if (!b.has_value() || bias_in_epilogue) {
+      at::mm_out(z, x, w.t());
+    } else {
+      at::addmm_out(z, *b, x, w.t());
+    }
+    at::Tensor out = want_pre ? new_output() : z;
     if (bias_in_epilogue) {
       const at::Tensor bc = b->contiguous();
       AT_DISPATCH_FLOATING_TYPES(compute, "linear_bias_epilogue", [&] {
@@ -576,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     // db: with an activation, summed in the pass that writes dz (its chunks still in cache)
     // instead of eager's separate dz.sum(0) over memory; without one, dz is grad and its sum
     // torch's.
-    at::Tensor dz = pass_grad ? grad : at::empty({M, N}, opts);
+    at::Tensor dz = pass_grad ? grad : empty_output({M, N}, opts);
     at::Tensor db = need_db && !pass_grad ? at::empty({N}, opts) : at::Tensor();
     if (db.defined()) {
       dz_and_db(act, grad, saved, dz, db);
@@ -588,16 +593,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       // A narrow layer (linear_narrow.h): the engine's own kernels for both products.
       const float* d = dz.data_ptr<float>();
       if (need_dx) {
-        dx = at::empty({M, K}, opts);
+        dx = empty_output({M, K}, opts);
         narrow_grad_input(d, weight.data_ptr<float>(), dx.data_ptr<float>(), M, K, N);
       }
       if (need_dw) {
-        dw = at::empty({N, K}, opts);
+        dw = empty_output({N, K}, opts);
         narrow_grad_weight(d, input.data_ptr<float>(), dw.data_ptr<float>(), M, K, N);
       }
     } else {
-      if (need_dx) dx = p.dx ? onednn_mm_bt(dz, weight.t()) : at::mm(dz, weight);
-      if (need_dw) dw = p.dw ? onednn_grad_weight(dz, input) : at::mm(dz.t(), input);
+      // torch's MKL call, into an output from the engine's cache (output_cache.h).
+      auto mkl_product = [&](int64_t rows, int64_t cols, const at::Tensor& a, const at::Tensor& b) {
+        at::Tensor out = empty_output({rows, cols}, opts);
+        at::mm_out(out, a, b);
+        return out;
+      };
+      if (need_dx) dx = p.dx ? onednn_mm_bt(dz, weight.t()) : mkl_product(M, K, dz, weight);
+      if (need_dw) dw = p.dw ? onednn_grad_weight(dz, input) : mkl_product(N, K, dz.t(), input);
     }
     return {need_dx ? dx : none(), need_dw ? dw : none(),
             need_db ? (db.defined() ? db : dz.sum(0)) : none()};
