@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "linear_epilogue.h"
+#include "vec_math_kernel.h"
 
 #if AT_MKL_ENABLED() && !defined(BIGMODEL_MKL_VML_DECLARED)
 #define BIGMODEL_MKL_VML_DECLARED
@@ -32,6 +33,28 @@ constexpr bool kVector = true;
 #else
 constexpr bool kVector = false;
 #endif
+
+// exp(x) for x <= 0, -inf (0) and NaN (NaN): in float the engine's inlined exp (vec_math_kernel.h,
+// 4 ulp, ~14 vector operations) instead of at::vec's Sleef call, which was a third of GELU's
+// epilogue at AVX512 (perf, Xeon); at::vec's in double.
+template <typename T>
+Vectorized<T> exp_nonpositive(const Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return vec_math::CPU_CAPABILITY::exp_shifted<false>(x, Vectorized<T>(0.f));
+  } else {
+    return x.exp();
+  }
+}
+
+// (sigmoid(x), 1 - sigmoid(x)) through e = exp(-|x|) <= 1: neither cancels, nothing overflows;
+// x = +-inf gives (1, 0) / (0, 1), NaN gives NaN.
+template <typename T>
+std::pair<Vectorized<T>, Vectorized<T>> sigmoid_pair_of(const Vectorized<T>& x) {
+  using V = Vectorized<T>;
+  const V e = exp_nonpositive(x.abs().neg()), r = V(T(1)) / (V(T(1)) + e), er = e * r;
+  const V positive = x >= V(T(0));
+  return {V::blendv(er, r, positive), V::blendv(r, er, positive)};
+}
 
 // Bit patterns of half and bfloat16: the magnitude bits, and +inf's (above it: NaN).
 template <typename low_t>
@@ -145,6 +168,7 @@ struct Gelu {
   template <typename T>
   Vectorized<T> fwd(const Vectorized<T>& z) const {
     using V = Vectorized<T>;
+    if constexpr (std::is_same_v<T, float>) return z * cdf_and_exp(z).first;
     return V(T(0.5)) * z * (V(T(1)) + (z * V(T(kSqrtHalf))).erf());
   }
   // Phi(z) + z * phi(z), as torch's gelu_backward.
@@ -161,20 +185,25 @@ struct Gelu {
   template <typename T>
   Vectorized<T> bwd(const Vectorized<T>& dy, const Vectorized<T>& z) const {
     using V = Vectorized<T>;
-    const V e = (V(T(-0.5)) * z * z).exp();
-    V cdf;
     if constexpr (std::is_same_v<T, float>) {
-      const V t = V(1.0f) / at::vec::fmadd(V(kErfP), z.abs() * V(float(kSqrtHalf)), V(1.0f));
-      V poly = at::vec::fmadd(V(kErfA[4]), t, V(kErfA[3]));
-      poly = at::vec::fmadd(poly, t, V(kErfA[2]));
-      poly = at::vec::fmadd(poly, t, V(kErfA[1]));
-      poly = at::vec::fmadd(poly, t, V(kErfA[0]));
-      const V below = V(0.5f) * poly * t * e;  // Phi(-|z|)
-      cdf = V::blendv(V(1.0f) - below, below, z < V(0.0f));
-    } else {
-      cdf = V(T(0.5)) * (V(T(1)) + (z * V(T(kSqrtHalf))).erf());
+      const auto [cdf, e] = cdf_and_exp(z);
+      return dy * at::vec::fmadd(z, V(T(kInvSqrt2Pi)) * e, cdf);
     }
+    const V e = (V(T(-0.5)) * z * z).exp();
+    const V cdf = V(T(0.5)) * (V(T(1)) + (z * V(T(kSqrtHalf))).erf());
     return dy * at::vec::fmadd(z, V(T(kInvSqrt2Pi)) * e, cdf);
+  }
+  // (Phi(z), exp(-z^2 / 2)) in float, the forward's and the backward's shared part.
+  static std::pair<Vectorized<float>, Vectorized<float>> cdf_and_exp(const Vectorized<float>& z) {
+    using V = Vectorized<float>;
+    const V e = exp_nonpositive(V(-0.5f) * z * z);
+    const V t = V(1.0f) / at::vec::fmadd(V(kErfP), z.abs() * V(float(kSqrtHalf)), V(1.0f));
+    V poly = at::vec::fmadd(V(kErfA[4]), t, V(kErfA[3]));
+    poly = at::vec::fmadd(poly, t, V(kErfA[2]));
+    poly = at::vec::fmadd(poly, t, V(kErfA[1]));
+    poly = at::vec::fmadd(poly, t, V(kErfA[0]));
+    const V below = V(0.5f) * poly * t * e;  // Phi(-|z|)
+    return {V::blendv(V(1.0f) - below, below, z < V(0.0f)), e};
   }
   // Abramowitz-Stegun 7.1.26, as at::vec's float erf: p and a1..a5.
   static constexpr float kErfP = 0.3275911f;
@@ -199,10 +228,7 @@ struct GeluTanh {
   template <typename T>
   static std::pair<Vectorized<T>, Vectorized<T>> sigmoid_pair(const Vectorized<T>& z) {
     using V = Vectorized<T>;
-    const V u2 = V(T(kTwoBeta)) * at::vec::fmadd(V(T(kKappa)) * z * z, z, z);
-    const V e = u2.abs().neg().exp(), r = V(T(1)) / (V(T(1)) + e), er = e * r;
-    const V positive = u2 >= V(T(0));
-    return {V::blendv(er, r, positive), V::blendv(r, er, positive)};
+    return sigmoid_pair_of(V(T(kTwoBeta)) * at::vec::fmadd(V(T(kKappa)) * z * z, z, z));
   }
   template <typename T>
   T fwd(T z) const {
@@ -229,7 +255,8 @@ struct GeluTanh {
   }
 };
 
-// z * sigmoid(z) = z / (1 + exp(-z)), as torch's silu (SiLU(-inf) = -inf / inf = NaN there too).
+// z * sigmoid(z) = z / (1 + exp(-z)), as torch's silu (SiLU(-inf) = -inf / inf = NaN there too;
+// here -inf * 0). Vectors take sigmoid from exp(-|z|) (sigmoid_pair_of).
 struct Silu {
   static constexpr bool kSelects = false;
   template <typename T>
@@ -238,7 +265,7 @@ struct Silu {
   }
   template <typename T>
   Vectorized<T> fwd(const Vectorized<T>& z) const {
-    return z / (Vectorized<T>(T(1)) + z.neg().exp());
+    return z * sigmoid_pair_of(z).first;
   }
   // s (1 + z (1 - s)), as torch's silu_backward.
   template <typename T>
@@ -249,9 +276,8 @@ struct Silu {
   template <typename T>
   Vectorized<T> bwd(const Vectorized<T>& dy, const Vectorized<T>& z) const {
     using V = Vectorized<T>;
-    const V one(T(1));
-    const V s = one / (one + z.neg().exp());
-    return dy * s * at::vec::fmadd(z, one - s, one);
+    const auto [s, one_minus_s] = sigmoid_pair_of(z);
+    return dy * s * at::vec::fmadd(z, one_minus_s, V(T(1)));
   }
 };
 
@@ -285,7 +311,7 @@ struct Sigmoid {
   }
   template <typename T>
   Vectorized<T> fwd(const Vectorized<T>& z) const {
-    return (Vectorized<T>(T(1)) + z.neg().exp()).reciprocal();
+    return sigmoid_pair_of(z).first;
   }
   // y (1 - y) from the output, as torch's sigmoid_backward.
   template <typename T>
