@@ -9,7 +9,7 @@
 //  * Below, whether a freed block comes back without faults depends on the heap's history (its
 //    top is trimmed back to the system): the same 4096x784->512 F.silu(F.linear) ran at 410, 717
 //    or 3966 page faults a call in different processes (11.2, 12.0 and 15.4 ms), and a seed MLP
-//    step at 37-867.
+//    step at 37-2700.
 // Reusing a freed block, as torch's CUDA caching allocator does, removes the faults and the
 // zeroing altogether, in every process.
 //

@@ -1,8 +1,8 @@
-// The CPU engine's output tensors (linear_relu.cpp, linear_narrow.h): from kCachedOutputBytes up
-// they come from a cache of freed blocks, as torch's CUDA caching allocator serves GPU memory, so
-// a training loop's outputs and gradients are the same blocks step after step and never pay the
-// page faults of fresh memory; those of kLargeOutputBytes and more are also 2 MB-aligned huge
-// pages. Below, torch's own allocator.
+// The CPU engine's output tensors (linear_relu.cpp, linear_narrow.h, attention.cpp): from
+// kCachedOutputBytes up they come from a cache of freed blocks, as torch's CUDA caching allocator
+// serves GPU memory, so a training loop's outputs and gradients are the same blocks step after
+// step and never pay the page faults of fresh memory; those of kLargeOutputBytes and more are
+// also 2 MB-aligned huge pages. Below, torch's own allocator.
 #pragma once
 
 #include <ATen/ATen.h>
