@@ -223,9 +223,11 @@ def test_fp32_without_onednn_takes_the_blocked_path():
 # (K = 300), its dZ^T from transposed_copy with row and column edges (M, N not multiples of 16),
 # and over M = 5000 in two chunks (4096 + 904 rows, summed in order);
 # N = 10 at M < 1024 (the narrow kernels) and at M >= 1024; M >= 1024 (oneDNN's forward and dX at
-# AVX2); a product below oneDNN's threshold (torch's own MKL call).
+# AVX2); a product below oneDNN's threshold (torch's own MKL call); M <= 1024 and K >= 512 with
+# both products on MKL (Intel, or AMD at AVX2), which on two threads run side by side, one
+# single-threaded call each (linear_relu.cpp's side_by_side_applies).
 PLAN_SHAPES = [(1024, 784, 512), (300, 100, 256), (513, 300, 129), (4096, 256, 10), (1100, 784, 10),
-               (600, 784, 10), (64, 40, 12), (5000, 300, 200)]
+               (600, 784, 10), (64, 40, 12), (5000, 300, 200), (515, 600, 129)]
 
 
 def _engine_grads(x, w, b, g, fn=None):
@@ -294,9 +296,10 @@ def _narrow_applies(K, N, dtype=torch.float32):
 
 @pytest.mark.parametrize("shape", PLAN_SHAPES, ids=str)
 def test_cpp_plans_match_float64(shape):
-    """Each plan's fp32 output and gradients under the house rule against float64."""
+    """Each plan's fp32 output and gradients under the house rule against float64, on two
+    threads (the count some plans depend on)."""
     x, w, b, g = _plan_inputs(*shape)
-    y, dx, dw, db = _engine_grads(x, w, b, g)
+    y, dx, dw, db = _with_threads(2, lambda: _engine_grads(x, w, b, g))
     assert_linear_relu_matches(y.detach(), x, w, b, g, {"x": dx, "w": dw, "b": db}, f"plan {shape}")
 
 
