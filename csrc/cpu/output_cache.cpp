@@ -97,9 +97,10 @@ class OutputAllocator final : public at::Allocator {
     Cache& c = cache();
     std::lock_guard<std::mutex> guard(c.lock);
     auto it = c.by_size.find(bytes);
-    if (it == c.by_size.end() || it->second.empty()) return nullptr;
+    if (it == c.by_size.end()) return nullptr;
     Block* b = it->second.back();
     it->second.pop_back();
+    if (it->second.empty()) c.by_size.erase(it);  // no empty entries for sizes seen once
     c.by_age.erase(b->age);
     c.bytes -= bytes;
     return b;
@@ -122,8 +123,9 @@ class OutputAllocator final : public at::Allocator {
     while (!c.by_age.empty() && c.bytes + block->bytes > kCacheBytes) {
       Block* old = c.by_age.front();
       c.by_age.pop_front();
-      auto& same = c.by_size[old->bytes];
-      same.erase(std::find(same.begin(), same.end(), old));
+      auto same = c.by_size.find(old->bytes);
+      same->second.erase(std::find(same->second.begin(), same->second.end(), old));
+      if (same->second.empty()) c.by_size.erase(same);
       c.bytes -= old->bytes;
       free_block(old);
     }
