@@ -68,14 +68,14 @@ def test_matches_float64_reference(path, dtype, act):
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)
-def test_cpp_blocked_outputs_match_float64(act):
-    """Outputs of 32 MB and more take the engine's blocked path (its epilogue per GEMM tile, or at
-    DEFAULT per finished block for the transcendental ones), forward and backward. K = 3 keeps
-    the GEMMs cheap; 8704 x 1024 fp32 is 34 MB. With K = 260, on AMD at AVX512, each block's
-    GEMMs are oneDNN's (the epilogue reading its block; pre copied out where the activation
-    keeps it)."""
-    _check("cpp", *_inputs(8704, 3, 1024, torch.float32, True), act, "blocked 34 MB")
-    _check("cpp", *_inputs(8200, 260, 1030, torch.float32, True), act, "blocked oneDNN 33 MB")
+def test_cpp_large_outputs_match_float64(act):
+    """Outputs of 32 MB and more: whole tensors in the output cache's huge pages (MKL's call, then
+    the epilogue over the output, in place or into y beside pre), forward and backward. K = 3
+    keeps the GEMMs cheap; 8704 x 1024 fp32 is 34 MB. With K = 260, on AMD at AVX512, the
+    engine's blocked path instead: each block's GEMMs are oneDNN's (the epilogue reading its
+    block; pre copied out where the activation keeps it)."""
+    _check("cpp", *_inputs(8704, 3, 1024, torch.float32, True), act, "whole 34 MB")
+    _check("cpp", *_inputs(8200, 260, 1030, torch.float32, True), act, "oneDNN blocks or whole, 33 MB")
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=IDS)

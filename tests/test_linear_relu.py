@@ -200,8 +200,8 @@ def test_bitwise_deterministic_run_to_run(path, dtype):
 
 
 def test_fp32_without_onednn_takes_the_blocked_path():
-    """fp32 goes to oneDNN when torch has it; BIGMODEL_NO_ONEDNN=1 forces the blocked BLAS path
-    (the one fp64 and outputs of 32 MB and more take): this file's fp32 accuracy tests, rerun."""
+    """fp32 goes to oneDNN where the plan says so; BIGMODEL_NO_ONEDNN=1 forces MKL for every
+    product (as fp64 and Intel CPUs run them): this file's fp32 accuracy tests, rerun."""
     env = dict(os.environ, BIGMODEL_NO_ONEDNN="1")
     tests = os.path.abspath(__file__)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests,
@@ -212,9 +212,9 @@ def test_fp32_without_onednn_takes_the_blocked_path():
 
 # ---------------------------------------------------------------------------------------------
 # The C++ engine's GEMM plans (csrc/cpu/linear_relu.cpp): results that do not depend on the
-# thread count on the engine's own plans (oneDNN at AVX512, the blocked grid of single-threaded
-# MKL tiles for outputs of 32 MB and more; elsewhere the engine makes eager's own multithreaded
-# MKL call, which is as reproducible as eager: run to run, for one thread count), and half /
+# thread count on the engine's own plans (oneDNN at AVX512, per block from 32 MB on AMD;
+# elsewhere the engine makes eager's own multithreaded MKL call, which is as reproducible as
+# eager: run to run, for one thread count), and half /
 # bfloat16 computed in float and rounded once. tests/test_cpu_levels.py runs them again at
 # every CPU level below the machine's own.
 
@@ -260,9 +260,9 @@ def _with_threads(n, fn):
 
 def _own_plan(M, K, N):
     """The results the engine's own plans fix by the shape alone, whatever the thread count
-    (mirrors plan_gemms): every one for tensors of 32 MB and more (the blocked grid at every
-    level); elsewhere those on oneDNN, and db everywhere; the products left to MKL are torch's
-    own calls, reproducible as eager's are."""
+    (mirrors plan_gemms): those on oneDNN (every one for tensors of 32 MB and more on oneDNN's
+    blocks), the narrow kernels', and db everywhere; the products left to MKL are torch's own
+    calls, reproducible as eager's are."""
     level = torch.backends.cpu.get_cpu_capability()
     elt, flops = 4, 2 * M * N * K
     small = M * max(N, K) * elt < 32 << 20
@@ -283,7 +283,11 @@ def _own_plan(M, K, N):
         if M * K * elt < 32 << 20:
             own |= {"dx", "dw"}
     # db (the ReLU's dz summed in fixed chunks of rows as it is written) on every plan.
-    return own | {"db"} if small else {"y", "dx", "dw", "db"}
+    if small:
+        return own | {"db"}
+    # 32 MB and more: oneDNN block by block (AMD at AVX512, K and N >= 256), else whole tensors,
+    # MKL's calls as below 32 MB.
+    return {"y", "dx", "dw", "db"} if not intel_cpu() and avx512 and min(K, N) >= 256 else {"db"}
 
 
 def _narrow_applies(K, N, dtype=torch.float32):
@@ -303,8 +307,9 @@ def test_cpp_plans_match_float64(shape):
     assert_linear_relu_matches(y.detach(), x, w, b, g, {"x": dx, "w": dw, "b": db}, f"plan {shape}")
 
 
-# Tensors of 32 MB and more, block by block: MKL's grid (K = N = 128), and oneDNN per block of at
-# most 4096 rows on AMD at AVX512 (both dimensions >= 256; odd M, K, N).
+# Tensors of 32 MB and more: whole tensors from the output cache's huge pages on MKL (K = N = 128,
+# and the second shape on Intel or below AVX512), oneDNN per block of at most 4096 rows on AMD at
+# AVX512 (both dimensions >= 256; odd M, K, N).
 BLOCKED_SHAPES = [pytest.param((65536, 128, 128), id="blocked-32MB"),
                   pytest.param((8200, 260, 1030), id="blocked-onednn-33MB")]
 
@@ -349,10 +354,9 @@ def test_cpp_narrow_layer_matches_float64(M, K, N):
 
 @pytest.mark.parametrize("shape", BLOCKED_SHAPES)
 def test_cpp_blocked_32mb_matches_float64(shape):
-    """Tensors of 32 MB and more run block by block: on MKL's grid, where this narrow layer's dW
-    (128 x 128 over 65536 rows, one tile) sums its reduction in fixed spans, one partial each
-    (mkl_mm), or on oneDNN per block (dX copied into place, dW added block by block): output and
-    every gradient against float64."""
+    """Tensors of 32 MB and more: whole tensors in huge pages on MKL's calls, or on oneDNN per
+    block (dX copied into place, dW added block by block): output and every gradient against
+    float64."""
     x, w, b, g = _plan_inputs(*shape)
     y, dx, dw, db = _engine_grads(x, w, b, g)
     assert_linear_relu_matches(y.detach(), x, w, b, g, {"x": dx, "w": dw, "b": db}, f"blocked {shape}")

@@ -114,7 +114,8 @@ at::Tensor onednn_grad_weight(const at::Tensor& dz, const at::Tensor& x) {
   return dw;
 }
 
-// out (+)= a @ b (+ bias) by MKL, with a result that does not depend on the thread count. One
+// out = a @ b (+ bias) by MKL, with a result that does not depend on the thread count (the
+// widened half / bfloat16 forward, block by block). One
 // multithreaded MKL call moves its partition with the thread count, and with it which elements
 // its edge kernels compute (in another order): 44 of 240 shapes with M in 7..1100, K in 5..784,
 // N in 1..200 differed in the last bits between 1, 2 and 3 threads, and so did K = 100 at
@@ -129,16 +130,13 @@ at::Tensor onednn_grad_weight(const at::Tensor& dz, const at::Tensor& x) {
 using TileFn = c10::function_ref<void(int64_t r0, int64_t rows, int64_t c0, int64_t cols)>;
 
 void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
-            const std::optional<at::Tensor>& bias, bool accumulate,
-            std::optional<TileFn> then = std::nullopt) {
+            const std::optional<at::Tensor>& bias, std::optional<TileFn> then = std::nullopt) {
   const int64_t R = out.size(0), C = out.size(1);
   if (R == 0 || C == 0) return;
   auto tile = [&](int64_t r0, int64_t rows, int64_t c0, int64_t cols) {
     at::Tensor o = out.narrow(0, r0, rows).narrow(1, c0, cols);
     const at::Tensor at_ = a.narrow(0, r0, rows), bt = b.narrow(1, c0, cols);
-    if (accumulate) {
-      o.addmm_(at_, bt);
-    } else if (bias.has_value()) {
+    if (bias.has_value()) {
       at::addmm_out(o, bias->narrow(0, c0, cols), at_, bt);  // beta=1 on the broadcast bias
     } else {
       at::mm_out(o, at_, bt);
@@ -157,32 +155,6 @@ void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
   const int64_t rows = round_up((R + rt - 1) / rt, 8), cols = round_up((C + ct - 1) / ct, 16);
   const int64_t nr = (R + rows - 1) / rows, nc = (C + cols - 1) / cols;
 #if AT_MKL_ENABLED()
-  // A small output over a long reduction (dW = dZ^T X of a narrow layer: 128x128 over M = 65536)
-  // is one or two tiles, so one core: then the reduction is cut instead, into a fixed number of
-  // spans of at least kMinSpan, each span's product into its own partial (single-threaded MKL),
-  // the partials summed in span order: still a result fixed by the shape alone. (The blocked
-  // backward of 65536x128->128 ran its dW on one core: 82.8 ms against eager's 38.)
-  constexpr int64_t kMinTiles = 4, kMinSpan = 256;
-  if (nr * nc < kMinTiles && flops >= 4e6 && Kd >= 2 * kMinSpan && !then.has_value() && !bias.has_value()) {
-    const int64_t cap = std::max<int64_t>(2, (int64_t(8) << 20) / (R * C * out.element_size()));
-    const int64_t parts = std::min<int64_t>({tiles, Kd / kMinSpan, cap});  // partials <= ~8 MB
-    const int64_t span = round_up((Kd + parts - 1) / parts, 16);
-    const int64_t n_parts = (Kd + span - 1) / span;
-    at::Tensor partial = at::empty({n_parts, R, C}, out.options());
-    at::parallel_for(0, n_parts, 1, [&](int64_t p0, int64_t p1) {
-      const int previous = MKL_Set_Num_Threads_Local(1);
-      for (int64_t q = p0; q < p1; ++q) {
-        const int64_t k0 = q * span, kn = std::min(span, Kd - k0);
-        at::Tensor into = partial[q];
-        at::mm_out(into, a.narrow(1, k0, kn), b.narrow(0, k0, kn));
-      }
-      MKL_Set_Num_Threads_Local(previous);
-    });
-    // Elementwise, one fixed order per element whatever the threads: (out +) p0 + p1 + ...
-    accumulate ? out.add_(partial[0]) : out.copy_(partial[0]);
-    for (int64_t q = 1; q < n_parts; ++q) out.add_(partial[q]);
-    return;
-  }
   at::parallel_for(0, nr * nc, 1, [&](int64_t t0, int64_t t1) {
     const int previous = MKL_Set_Num_Threads_Local(1);
     for (int64_t t = t0; t < t1; ++t) {
@@ -419,14 +391,22 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
     }
     return activate(z);
   }
-  if (!widen && M * N * input.element_size() < kLargeOutputBytes) {
+  const bool large = M * N * input.element_size() >= kLargeOutputBytes;
+  if (!widen && !(large && onednn_blocks(compute, K, N))) {
     // torch's own GEMM call, as eager F.linear makes it (one multithreaded MKL call, or native
     // half / bfloat16), into an output from the engine's cache (output_cache.h: no page faults
-    // whatever the heap's history), then the activation, in place where pre is not kept: eager's
-    // GEMM without its second pass and second tensor. Where oneDNN does not beat MKL, the fixed
-    // grid of single-threaded MKL tiles below ran 0.84-0.95x this call on 2 cores (M = 64-1024;
-    // bench/NOTES.md, "linear_relu per level"), so the grid is kept for outputs of 32 MB and
-    // more (huge pages) and for widened half / bfloat16 (converted block by block).
+    // whatever the heap's history; huge pages from 32 MB), then the activation, in place where
+    // pre is not kept: eager's GEMM without its second pass and second tensor. The fixed grid
+    // of single-threaded MKL tiles below ran 0.84-0.95x this call on 2 cores (M = 64-1024;
+    // bench/NOTES.md, "linear_relu per level"), and since the output cache it loses at 32 MB and
+    // more too (each tile packs its operands again): there, the Xeon, 2 threads, this call and
+    // one epilogue pass against the grid with the epilogue on each tile in cache, against eager
+    // (bench/NOTES.md, "The Xeon, sixth session"): ReLU 16384x256->1024 1.77 -> 2.26x,
+    // 2048x1024->4096 1.05 -> 1.38x, 65536x128->128 2.29 -> 3.03x at AVX512; 1.09-2.02 ->
+    // 1.24-2.39x at AVX2, 1.02-1.54 -> 1.11-1.57x at DEFAULT; GELU and SiLU alike, but for SiLU
+    // at 65536x128->128 at AVX2 (2.20 -> 2.02x, its cheap GEMM leaves the transcendental pass
+    // the larger share). So the grid is kept only for widened half / bfloat16 (converted block
+    // by block) and the blocks are oneDNN's where onednn_blocks says so (AMD at AVX512).
     //
     // The bias: addmm broadcasts it into its output before a beta = 1 GEMM, through a
     // TensorIterator copy that is slow for narrow rows (13 us for a (1024, 10) output, the same as
@@ -487,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
     // tensors: GELU on the GEMM's tiles (strided views) ran 4.7x slower than on whole rows (34
     // vs 7.3 ms for 4096x1024, 2 threads), so there the epilogue runs once per finished block.
     const bool whole_block = aten_epilogue_applies(act, z, o);
-    mkl_mm(z, x.narrow(0, r0, rows), wt, b, false,
+    mkl_mm(z, x.narrow(0, r0, rows), wt, b,
            nothing_to_do || whole_block ? std::nullopt : std::optional<TileFn>(epilogue));
     if (whole_block) epilogue(0, rows, 0, N);
   }
@@ -609,9 +589,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const GemmPlan p = plan_gemms(input.scalar_type(), M, K, N);
   // Each output not asked for is its own empty tensor (outputs must not alias).
   const auto none = [&] { return at::empty({0}, opts); };
-  if (p.any() || M * std::max(N, K) * input.element_size() < kLargeOutputBytes) {
+  const bool small = M * std::max(N, K) * input.element_size() < kLargeOutputBytes;
+  if (p.any() || small || !onednn_blocks(input.scalar_type(), K, N)) {
     // Whole tensors, as eager has them: dz once, then each product on the library its plan
-    // names. The products oneDNN does not win are torch's own calls, as eager makes them (see
+    // names. From 32 MB too (dz from the output cache, in huge pages): the block-by-block MKL
+    // grid ran 0.73-0.94x eager there, whole tensors 1.06-1.19x (2048x1024->4096 and
+    // 8192x1024->1024 on the Xeon, AVX512 and AVX2; bench/NOTES.md, "The Xeon, sixth session"). The products oneDNN does not win are torch's own calls, as eager makes them (see
     // linear_act_forward): the grid of single-threaded MKL tiles ran 0.84-0.95x that call on 2
     // cores (1024x256->10 bwd: 0.76x eager with dX on oneDNN and dW on the grid, native AVX2
     // EPYC). Their results then follow MKL's partition, as eager's do.
@@ -627,7 +610,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       dz_rows(act, grad, saved, 0, M, dz);
     }
     at::Tensor dx, dw;
-    if (input.scalar_type() == at::kFloat && narrow_backward_applies(M, K, N)) {
+    if (small && input.scalar_type() == at::kFloat && narrow_backward_applies(M, K, N)) {
       // A narrow layer (linear_narrow.h): the engine's own kernels for both products.
       const float* d = dz.data_ptr<float>();
       if (need_dx) {
@@ -661,32 +644,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   at::Tensor dw = need_dw ? (M ? at::empty({N, K}, opts) : at::zeros({N, K}, opts)) : none();
   at::Tensor db = need_db ? (M ? at::empty({N}, opts) : at::zeros({N}, opts)) : none();
   at::Tensor dx = need_dx ? empty_output({M, K}, opts) : none();
-  // Block by block: dz of a block of rows into a cache-resident scratch block, then fed to the dX
-  // GEMM, the dW GEMM (accumulated block after block, in order: deterministic) and the db sum.
-  const bool on_onednn = onednn_blocks(input.scalar_type(), K, N);
-  const int64_t block = std::min(rows_per_block(M, N, input.element_size()),
-                                 on_onednn ? kOnednnGradWeightMaxRows : M);
+  // 32 MB and more on oneDNN (AMD at AVX512, onednn_blocks), block by block: dz of a block of
+  // rows into a cache-resident scratch block, then fed to the dX GEMM, the dW GEMM (added up
+  // block after block, in order: deterministic) and the db sum.
+  const int64_t block = std::min(rows_per_block(M, N, input.element_size()), kOnednnGradWeightMaxRows);
   at::Tensor scratch = pass_grad ? at::Tensor() : at::empty({std::min(block, M), N}, opts);
   for (int64_t r0 = 0; r0 < M; r0 += block) {
     const int64_t rows = std::min(block, M - r0);
     at::Tensor dz = pass_grad ? grad.narrow(0, r0, rows) : scratch.narrow(0, 0, rows);
     if (!pass_grad) dz_rows(act, grad, saved, r0, rows, dz);
     const at::Tensor x = input.narrow(0, r0, rows);
-    if (need_dx) {
-      at::Tensor dx_rows = dx.narrow(0, r0, rows);
-      if (on_onednn) {
-        dx_rows.copy_(onednn_mm_bt(dz, weight.t()));
-      } else {
-        mkl_mm(dx_rows, dz, weight, std::nullopt, false);
-      }
-    }
+    if (need_dx) dx.narrow(0, r0, rows).copy_(onednn_mm_bt(dz, weight.t()));
     if (need_dw) {
-      if (on_onednn) {
-        const at::Tensor part = onednn_grad_weight(dz, x);
-        r0 == 0 ? dw.copy_(part) : dw.add_(part);
-      } else {
-        mkl_mm(dw, dz.t(), x, std::nullopt, r0 > 0);
-      }
+      const at::Tensor part = onednn_grad_weight(dz, x);
+      r0 == 0 ? dw.copy_(part) : dw.add_(part);
     }
     if (need_db) r0 == 0 ? at::sum_out(db, dz, 0) : db.add_(dz.sum(0));
   }
