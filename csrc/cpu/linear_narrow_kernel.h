@@ -165,9 +165,10 @@ void narrow_grad_input_rows(const float* dz, const float* w, float* dx, int64_t 
 }
 
 // dW rows [n0, n0 + G) x C column vectors over the rows [0, M) of dz and x: a fresh register sum
-// per span of kGradWeightSpan rows, each added to dw in span order (the first one stored), so the
-// rounding grows with the span, as in a GEMM's blocked reduction, not with M.
-constexpr int64_t kGradWeightSpan = 256;
+// per span of kNarrowGradWeightSpan rows (linear_narrow.h), each added to dw in span order (the
+// first one stored), so the rounding grows with the span, as in a GEMM's blocked reduction, not
+// with M.
+constexpr int64_t kGradWeightSpan = kNarrowGradWeightSpan;
 
 template <int G, int C, bool Tail>
 inline void grad_weight_tile(const float* dz, int64_t N, const float* x, int64_t K, int64_t M,
