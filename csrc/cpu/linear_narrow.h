@@ -78,7 +78,8 @@ inline void narrow_forward(const float* x, int64_t ldx, const float* w, const fl
 // kernels (linear_narrow_kernel.h): dX as R x C register tiles of an N-term outer-product sum
 // (W, 10 KB, stays in L1), dW as groups of 5 output features x C column vectors summed down the
 // M rows, in fixed spans. Each output's order of summation is fixed by the shape alone, so the
-// results do not depend on the thread count: threads split dX by rows and dW by columns.
+// results do not depend on the thread count: threads split dX by rows, and dW by columns
+// within one span of rows, by spans past it.
 
 // Columns a dW task spans: the widest column tile of each level (4 and 2 vectors).
 constexpr int64_t kGradWeightChunkAvx512 = 64, kGradWeightChunkAvx2 = 16;

@@ -60,10 +60,9 @@ namespace {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Rows per block of the MKL path: the output block (and, in backward, the masked-gradient block)
-// should stay in cache between the GEMM that writes it and the pass that reads it. Each block's
-// GEMM is one multithreaded BLAS call: BLAS splits a block across cores better than we would by
-// giving each core its own single-threaded small GEMM (measured: 2x slower at M=65536, K=N=128).
+// Rows per block of the blocked paths (oneDNN's blocks from 32 MB, the widened half / bfloat16
+// forward): the output block (and, in backward, the masked-gradient block) should stay in cache
+// between the GEMM that writes it and the pass that reads it.
 int64_t rows_per_block(int64_t M, int64_t N, int64_t elt_size) {
   const int64_t cache_bytes = 8 << 20;  // well inside the 32 MB L3; 2, 4, 8, 32 MB measured alike
   const int64_t rows = cache_bytes / std::max<int64_t>(1, N * elt_size);
@@ -191,9 +190,9 @@ void mkl_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
 //    slow transpose still in); K = 128 a tie. At AVX2 still only up to 4096 rows (unmeasured
 //    beyond).
 //  * Tensors of 32 MB and more are never one whole oneDNN call: the page faults of its fresh
-//    output cost more than the GEMM, while the blocked path writes into huge pages (65536x128->128:
-//    12.6 ms blocked MKL vs 15-16 ms oneDNN into its own 4 KB-page output). They run block by
-//    block, on MKL's grid, or per block on oneDNN where onednn_blocks says so.
+//    output cost more than the GEMM, while the engine's outputs come from the output cache in
+//    huge pages (65536x128->128: 12.6 ms blocked MKL vs 15-16 ms oneDNN into its own 4 KB-page
+//    output). They are MKL's whole calls, or per block on oneDNN where onednn_blocks says so.
 struct GemmPlan {
   bool fwd = false, dx = false, dw = false;  // true: oneDNN, false: MKL
   bool any() const { return fwd || dx || dw; }
