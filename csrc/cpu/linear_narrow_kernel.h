@@ -168,14 +168,13 @@ void narrow_grad_input_rows(const float* dz, const float* w, float* dx, int64_t 
 // per span of kNarrowGradWeightSpan rows (linear_narrow.h), each added to dw in span order (the
 // first one stored), so the rounding grows with the span, as in a GEMM's blocked reduction, not
 // with M.
-constexpr int64_t kGradWeightSpan = kNarrowGradWeightSpan;
 
 template <int G, int C, bool Tail>
 inline void grad_weight_tile(const float* dz, int64_t N, const float* x, int64_t K, int64_t M,
                              float* dw, int64_t tail) {
   using V = Vectorized<float>;
-  for (int64_t i0 = 0; i0 < M; i0 += kGradWeightSpan) {
-    const int64_t i1 = std::min(M, i0 + kGradWeightSpan);
+  for (int64_t i0 = 0; i0 < M; i0 += kNarrowGradWeightSpan) {
+    const int64_t i1 = std::min(M, i0 + kNarrowGradWeightSpan);
     V acc[G][C];
     for (int g = 0; g < G; ++g) {
       for (int c = 0; c < C; ++c) acc[g][c] = V(0.f);

@@ -593,7 +593,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     // Whole tensors, as eager has them: dz once, then each product on the library its plan
     // names. From 32 MB too (dz from the output cache, in huge pages): the block-by-block MKL
     // grid ran 0.73-0.94x eager there, whole tensors 1.06-1.19x (2048x1024->4096 and
-    // 8192x1024->1024 on the Xeon, AVX512 and AVX2; bench/NOTES.md, "The Xeon, sixth session"). The products oneDNN does not win are torch's own calls, as eager makes them (see
+    // 8192x1024->1024 on the Xeon, AVX512 and AVX2; bench/NOTES.md, "The Xeon, sixth session").
+    // The products oneDNN does not win are torch's own calls, as eager makes them (see
     // linear_act_forward): the grid of single-threaded MKL tiles ran 0.84-0.95x that call on 2
     // cores (1024x256->10 bwd: 0.76x eager with dX on oneDNN and dW on the grid, native AVX2
     // EPYC). Their results then follow MKL's partition, as eager's do.
@@ -609,7 +610,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       dz_rows(act, grad, saved, 0, M, dz);
     }
     at::Tensor dx, dw;
-    if (small && input.scalar_type() == at::kFloat && narrow_backward_applies(M, K, N)) {
+    if (input.scalar_type() == at::kFloat && narrow_backward_applies(M, K, N)) {
       // A narrow layer (linear_narrow.h): the engine's own kernels for both products.
       const float* d = dz.data_ptr<float>();
       if (need_dx) {

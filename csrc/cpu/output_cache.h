@@ -12,8 +12,8 @@ namespace bigmodel {
 // From this size up, outputs come from the cache.
 constexpr int64_t kCachedOutputBytes = int64_t(256) << 10;
 
-// From this size up, a block is advised as huge pages (and the engine's linear ops switch to
-// their blocked paths, linear_relu.cpp).
+// From this size up, a block is advised as huge pages (and the engine's linear ops take their
+// large-tensor plans, linear_relu.cpp: oneDNN block by block where onednn_blocks says so).
 constexpr int64_t kLargeOutputBytes = int64_t(32) << 20;
 
 // An uninitialised tensor of `sizes` and `opts` (CPU, contiguous).
