@@ -14,6 +14,7 @@
 
 #include "cpu/linear_act.h"
 #include "cpu/linear_narrow.h"
+#include "python_call.h"
 
 #if BIGMODEL_WITH_CUDA
 #include "cuda/fused_linear_cublaslt.h"
@@ -58,6 +59,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The fewest input features the CPU engine's narrow kernels take");
   m.def("cpu_plain_linear_min_macs", &bigmodel::linear::plain_linear_min_macs,
         "Multiply-adds from which a plain Linear is faster on the CPU engine than F.linear here");
+  // bigmodel.linear_relu's and bigmodel.fused_linear's call of their op (csrc/python_call.cpp).
+  m.def("linear_call", &bigmodel::linear_call,
+        "act(F.linear(input, weight, bias)) through the registered op, or None where the "
+        "arguments are not the plain case",
+        py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("activation"),
+        py::arg("negative_slope"));
 #if BIGMODEL_WITH_CUDA
   // Not ops: the CUDA kernel of bigmodel::linear_relu calls these under the 'cublaslt' backend.
   m.def("cublaslt_linear_relu", &bigmodel::cublaslt::linear_relu_forward,

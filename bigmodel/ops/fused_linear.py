@@ -20,7 +20,7 @@ import torch
 from bigmodel import backend
 from bigmodel.kernels._common import saves_pre_activation
 from bigmodel.ops import _registry
-from bigmodel.ops.linear_relu import _check, linear_relu
+from bigmodel.ops.linear_relu import _check, linear_relu, plain_call
 from bigmodel.reference import ref_fused_linear
 
 _WHERE = "bigmodel.fused_linear"
@@ -79,6 +79,9 @@ def fused_linear(input, weight, bias=None, activation="relu", negative_slope=0.0
         raise TypeError(f"{_WHERE}: negative_slope must be a float, got {type(negative_slope).__name__}")
     if name == "relu":
         return linear_relu(input, weight, bias)
+    out = plain_call(input, weight, bias, name, float(negative_slope))
+    if out is not None:
+        return out
     _check(input, weight, bias, _WHERE)
     flat = input.dim() == 2
     # M spelled out: reshape(-1, 0) is ambiguous. 2-D input as it is (a reshape costs ~4 us).

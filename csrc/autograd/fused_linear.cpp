@@ -7,6 +7,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "records_grad.h"
+
 #include <array>
 #include <optional>
 #include <tuple>
@@ -24,16 +26,20 @@ using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     c10::string_view, double, std::array<bool, 3>);
 
+const c10::TypedOperatorHandle<Forward>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bigmodel::fused_linear", "")
+                             .typed<Forward>();
+  return op;
+}
+
 class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, c10::string_view activation,
                                double negative_slope, bool keep_pre) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("bigmodel::fused_linear", "")
-                         .typed<Forward>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, pre] = op.call(input, weight, bias, activation, negative_slope, keep_pre);
+    auto [out, pre] = forward_op().call(input, weight, bias, activation, negative_slope, keep_pre);
     ctx->save_for_backward({input, weight, out, pre});
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["activation"] = std::string(activation);
@@ -68,11 +74,14 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(const at::Tensor& input
                                                          const std::optional<at::Tensor>& bias,
                                                          c10::string_view activation, double negative_slope,
                                                          bool keep_pre) {
-  // Where autograd records this call its backward reads pre, whatever the caller asked.
-  const bool recorded = at::GradMode::is_enabled() &&
-                        (input.requires_grad() || weight.requires_grad() ||
-                         (bias.has_value() && bias->defined() && bias->requires_grad()));
-  auto outs = FusedLinearFunction::apply(input, weight, bias, activation, negative_slope, keep_pre || recorded);
+  // A call autograd does not record goes straight to the kernel (no node, context or saved
+  // tensors: csrc/autograd/linear_relu.cpp). Where it records, the backward reads pre, whatever
+  // the caller asked.
+  if (!records_grad(input, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op().call(input, weight, bias, activation, negative_slope, keep_pre);
+  }
+  auto outs = FusedLinearFunction::apply(input, weight, bias, activation, negative_slope, true);
   return {outs[0], outs[1]};
 }
 

@@ -6,6 +6,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "records_grad.h"
+
 #include <array>
 
 namespace bigmodel {
@@ -64,6 +66,13 @@ class LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> 
 
 at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias) {
+  // A call autograd does not record (inference, or no input needs a gradient) goes straight to
+  // the kernel: Function::apply would still build a node, its context and its saved tensors
+  // (~0.8 us of a 4 us small-layer call).
+  if (!records_grad(input, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_forward(input, weight, bias);
+  }
   return LinearReLUFunction::apply(input, weight, bias);
 }
 
