@@ -64,7 +64,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "act(F.linear(input, weight, bias)) through the registered op, or None where the "
         "arguments are not the plain case",
         py::arg("input"), py::arg("weight"), py::arg("bias"), py::arg("activation"),
-        py::arg("negative_slope"));
+        py::arg("negative_slope"), py::arg("device"));
 #if BIGMODEL_WITH_CUDA
   // Not ops: the CUDA kernel of bigmodel::linear_relu calls these under the 'cublaslt' backend.
   m.def("cublaslt_linear_relu", &bigmodel::cublaslt::linear_relu_forward,

@@ -64,7 +64,8 @@ at::Tensor call_fused_linear(const at::Tensor& x, const at::Tensor& w,
 }  // namespace
 
 py::object linear_call(py::handle input, py::handle weight, py::handle bias,
-                       const std::string& activation, double negative_slope) {
+                       const std::string& activation, double negative_slope,
+                       const std::string& device) {
   const bool has_bias = !bias.is_none();
   if (at::impl::torch_function_mode_enabled() || !plain_tensor(input.ptr()) ||
       !plain_tensor(weight.ptr()) || (has_bias && !plain_tensor(bias.ptr()))) {
@@ -74,6 +75,7 @@ py::object linear_call(py::handle input, py::handle weight, py::handle bias,
   const at::Tensor& w = THPVariable_Unpack(weight.ptr());
   std::optional<at::Tensor> b;
   if (has_bias) b = THPVariable_Unpack(bias.ptr());
+  if ((device == "cpu" && !in.is_cpu()) || (device == "cuda" && !in.is_cuda())) return py::none();
   if (in.dim() < 1 || w.dim() != 2 || in.size(-1) != w.size(1) || !kernel_takes(in) ||
       w.scalar_type() != in.scalar_type() || w.device() != in.device()) {
     return py::none();

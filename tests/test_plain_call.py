@@ -134,7 +134,10 @@ def test_everything_else_is_left_to_the_python_path():
         y = bigmodel.linear_relu(x, w, b)  # the Python path honours the mode
     assert mode.calls > 0
     assert torch.equal(y, torch.ops.bigmodel.linear_relu.default(x, w, b))
-    for name in ("cpp", "reference"):
+    with bigmodel.use_backend("cpp"):  # the plain case on CPU tensors, the Python path else
+        assert plain_call(x, w, b, "relu") is not None
+        assert plain_call(x.to("meta"), w.to("meta"), b.to("meta"), "relu") is None
+    for name in ("triton", "reference", "cublaslt"):  # none of them on CPU tensors
         with bigmodel.use_backend(name):
             assert plain_call(x, w, b, "relu") is None
 

@@ -30,19 +30,24 @@ _RUNS = {"cpu": frozenset(CPU_DTYPES), "cuda": frozenset(CPU_DTYPES) - {torch.fl
 
 
 # The plain case (tensors of one dtype and device a kernel takes, no subclass or mode with
-# __torch_function__, the 'auto' backend, not under torch.compile's tracing) in one C++ call
-# that checks, flattens and calls the op: ~2.5 us of a small layer's ~5 us here
-# (csrc/python_call.cpp). It answers None for anything else, which takes the path below.
+# __torch_function__, not under torch.compile's tracing) in one C++ call that checks, flattens
+# and calls the op: ~2.5 us of a small layer's ~5 us here (csrc/python_call.cpp). It answers
+# None for anything else, which takes the path below (and raises its errors).
 _compiling = torch.compiler.is_compiling
+# The device each backend's plain case is on ("" any): elsewhere backend.resolve decides.
+_PLAIN_DEVICE = {"auto": "", "cpp": "cpu", "triton": "cuda"}
 
 
 def plain_call(input, weight, bias, activation, negative_slope=0.0):
     """act(F.linear(input, weight, bias)) by the registered op where the arguments are the plain
     case, else None; ``activation`` is the op's name ('relu' for bigmodel::linear_relu)."""
     ext = _registry._C
-    if ext is None or _compiling() or backend.current() != "auto":
+    if ext is None or _compiling():
         return None
-    return ext.linear_call(input, weight, bias, activation, negative_slope)
+    device = _PLAIN_DEVICE.get(backend.current())
+    if device is None or (device == "cpu" and _registry.triton_on_cpu()):
+        return None
+    return ext.linear_call(input, weight, bias, activation, negative_slope, device)
 
 
 def _check(input, weight, bias, where=_WHERE):
