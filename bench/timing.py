@@ -1,6 +1,9 @@
 """Interleaved timers: providers alternate rep by rep, so drift (clocks, a neighbour's load)
 hits them alike, and each rep uses the next input set, so no provider runs on warm caches
-its rivals don't get.
+its rivals don't get. Each rep runs the providers in its own shuffled order (_rep_order), so
+each one follows every other about equally often: a rotation of one fixed order had each
+provider run after the same neighbour in all but one rep in n, and what a neighbour leaves
+behind (its heap, its threads, its cache lines) fell on one provider alone.
 
 GPU: CUDA events around each call, with a 256 MB buffer zeroed before every call to evict
 the L2 (what triton.testing.do_bench does), all events read after one synchronize.
@@ -11,6 +14,7 @@ timed with each call.
 import contextlib
 import gc
 import math
+import random
 import time
 
 import torch
@@ -35,6 +39,13 @@ def _context_and_calls(fns):
     if len(contexts) == 1 and None not in contexts:
         return contexts.pop(), [f.bare for f in fns]
     return contextlib.nullcontext, fns
+
+
+def _rep_order(names, r):
+    """The providers in rep r's order: a shuffle seeded by r (the same every run)."""
+    order = list(names)
+    random.Random(r).shuffle(order)
+    return order
 
 
 def _most(names, reps, caps):
@@ -69,8 +80,7 @@ class CpuTimer:
         gc.disable()
         try:
             for r in range(reps):
-                shift = r % len(names)
-                for n in names[shift:] + names[:shift]:
+                for n in _rep_order(names, r):
                     if len(samples[n]) >= most[n]:
                         continue
                     (context, fns), k = prepared[n], inner[n]
@@ -110,8 +120,7 @@ class CudaTimer:
         events = {n: [] for n in names}
         prepared = {n: _context_and_calls(calls[n]) for n in names}
         for r in range(reps):
-            shift = r % len(names)
-            for n in names[shift:] + names[:shift]:
+            for n in _rep_order(names, r):
                 if len(events[n]) >= most[n]:
                     continue
                 context, fns = prepared[n]
