@@ -16,12 +16,13 @@
 #include "python_call.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/python_variable.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <torch/csrc/autograd/python_variable.h>
 
 #include <optional>
 #include <vector>
+
+#include "linear_op_handles.h"
 
 namespace bigmodel {
 namespace {
@@ -39,26 +40,6 @@ bool kernel_takes(const at::Tensor& t) {
   const bool low = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
   if (t.is_cpu()) return low || dtype == at::kDouble;
   return t.is_cuda() && low;
-}
-
-at::Tensor call_linear_relu(const at::Tensor& x, const at::Tensor& w,
-                            const std::optional<at::Tensor>& b) {
-  using Fn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("bigmodel::linear_relu", "").typed<Fn>();
-  return op.call(x, w, b);
-}
-
-at::Tensor call_fused_linear(const at::Tensor& x, const at::Tensor& w,
-                             const std::optional<at::Tensor>& b, c10::string_view activation,
-                             double negative_slope) {
-  using Fn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                const std::optional<at::Tensor>&, c10::string_view,
-                                                double, bool);
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("bigmodel::fused_linear", "").typed<Fn>();
-  // keep_pre=false, as bigmodel.fused_linear asks: pre only where autograd records the call.
-  return std::get<0>(op.call(x, w, b, activation, negative_slope, false));
 }
 
 }  // namespace
@@ -92,8 +73,10 @@ py::object linear_call(py::handle input, py::handle weight, py::handle bias,
     const at::Tensor x =
         flat ? in
              : in.reshape({c10::multiply_integers(in.sizes().slice(0, in.dim() - 1)), in.size(-1)});
-    out = activation == "relu" ? call_linear_relu(x, w, b)
-                               : call_fused_linear(x, w, b, activation, negative_slope);
+    // keep_pre=false, as bigmodel.fused_linear asks: pre only where autograd records the call.
+    out = activation == "relu"
+              ? linear_relu_op().call(x, w, b)
+              : std::get<0>(fused_linear_op().call(x, w, b, activation, negative_slope, false));
     if (!flat) {
       std::vector<int64_t> shape(in.sizes().begin(), in.sizes().end() - 1);
       shape.push_back(w.size(0));

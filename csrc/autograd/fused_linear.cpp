@@ -7,6 +7,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../linear_op_handles.h"
 #include "records_grad.h"
 
 #include <array>
@@ -19,19 +20,9 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using Forward = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                   const std::optional<at::Tensor>&,
-                                                   c10::string_view, double, bool);
 using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     c10::string_view, double, std::array<bool, 3>);
-
-const c10::TypedOperatorHandle<Forward>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("bigmodel::fused_linear", "")
-                             .typed<Forward>();
-  return op;
-}
 
 class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction> {
  public:
@@ -39,7 +30,7 @@ class FusedLinearFunction : public torch::autograd::Function<FusedLinearFunction
                                const std::optional<at::Tensor>& bias, c10::string_view activation,
                                double negative_slope, bool keep_pre) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, pre] = forward_op().call(input, weight, bias, activation, negative_slope, keep_pre);
+    auto [out, pre] = fused_linear_op().call(input, weight, bias, activation, negative_slope, keep_pre);
     ctx->save_for_backward({input, weight, out, pre});
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["activation"] = std::string(activation);
@@ -79,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_autograd(const at::Tensor& input
   // the caller asked.
   if (!records_grad(input, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return forward_op().call(input, weight, bias, activation, negative_slope, keep_pre);
+    return fused_linear_op().call(input, weight, bias, activation, negative_slope, keep_pre);
   }
   auto outs = FusedLinearFunction::apply(input, weight, bias, activation, negative_slope, true);
   return {outs[0], outs[1]};

@@ -6,6 +6,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../linear_op_handles.h"
 #include "records_grad.h"
 
 #include <array>
@@ -15,15 +16,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-at::Tensor call_forward(const at::Tensor& input, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("bigmodel::linear_relu", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&)>();
-  return op.call(input, weight, bias);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad, const at::Tensor& out, const at::Tensor& input,
@@ -42,7 +34,7 @@ class LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> 
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
                             const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = call_forward(input, weight, bias);
+    at::Tensor out = linear_relu_op().call(input, weight, bias);
     // The ReLU mask is recomputed from the output in backward: no separate mask tensor.
     ctx->save_for_backward({input, weight, out});
     ctx->saved_data["has_bias"] = bias.has_value();
@@ -71,7 +63,7 @@ at::Tensor linear_relu_autograd(const at::Tensor& input, const at::Tensor& weigh
   // (~0.8 us of a 4 us small-layer call).
   if (!records_grad(input, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return call_forward(input, weight, bias);
+    return linear_relu_op().call(input, weight, bias);
   }
   return LinearReLUFunction::apply(input, weight, bias);
 }
