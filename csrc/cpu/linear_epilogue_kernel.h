@@ -281,15 +281,25 @@ struct Silu {
   }
 };
 
+// Float: the engine's tanh (vec_math_kernel.h), or MKL's where MKL runs its full-width code
+// (kTanhByVml below); double: libm's and at::vec's.
 struct Tanh {
   static constexpr bool kSelects = false;
   template <typename T>
   T fwd(T z) const {
-    return std::tanh(z);
+    if constexpr (std::is_same_v<T, float>) {
+      return vec_math::CPU_CAPABILITY::tanh_float(z);
+    } else {
+      return std::tanh(z);
+    }
   }
   template <typename T>
   Vectorized<T> fwd(const Vectorized<T>& z) const {
-    return z.tanh();
+    if constexpr (std::is_same_v<T, float>) {
+      return vec_math::CPU_CAPABILITY::tanh_float(z);
+    } else {
+      return z.tanh();
+    }
   }
   // 1 - y^2 from the output, as torch's tanh_backward.
   template <typename T>
@@ -324,12 +334,15 @@ struct Sigmoid {
   }
 };
 
-// Float tanh runs MKL's vector math where torch has it, in the mode torch.tanh passes (high
-// accuracy, denormals kept, errors ignored): the same values as eager's tanh, NaN included, and
-// ~3x at::vec's Sleef tanh (the epilogue of a 4096 x 512 output, 2 threads, AVX512 Xeon: 2.9 ms
-// against torch.tanh's 0.9 ms).
+// Float tanh runs MKL's vector math on Intel CPUs (mkl_runs_full_width), in the mode torch.tanh
+// passes (high accuracy, denormals kept, errors ignored): the same values as eager's tanh, NaN
+// included, and ~3x at::vec's Sleef tanh there (the epilogue of a 4096 x 512 output, 2 threads,
+// AVX512 Xeon: 2.9 ms against torch.tanh's 0.9 ms); not yet measured there against the engine's
+// own. On AMD MKL's is its slow generic code, and the engine's tanh_float runs.
 template <typename F, typename T>
 constexpr bool kTanhByVml = AT_MKL_ENABLED() && std::is_same_v<F, Tanh> && std::is_same_v<T, float>;
+
+inline bool tanh_by_vml() { return mkl_runs_full_width(); }
 
 #if AT_MKL_ENABLED()
 inline void vml_tanh(const float* z, float* y, int64_t n) {
@@ -344,8 +357,10 @@ inline void vml_tanh(const float*, float*, int64_t) {}
 template <typename F, typename T>
 void forward_same(const F& f, const T* z, T* y, int64_t n) {
   if constexpr (kTanhByVml<F, T>) {
-    if (n > 0) vml_tanh(z, y, n);
-    return;
+    if (tanh_by_vml()) {
+      if (n > 0) vml_tanh(z, y, n);
+      return;
+    }
   }
   int64_t i = 0;
   if constexpr (kVector) {
@@ -363,17 +378,20 @@ void forward_same(const F& f, const T* z, T* y, int64_t n) {
 // from the same cache line, ran 15 us for a (1024, 10) block against 3 us for a flat ReLU.)
 template <typename F, typename T>
 void forward_bias(const F& f, T* z, const T* bpat, T* y, int64_t n, int64_t e0, int64_t count) {
-  if constexpr (kTanhByVml<F, T>) {
-    // t = z + b into y a chunk at a time, then MKL's tanh on that chunk while it is in L2. Each
-    // VML call inside a parallel region costs ~2.6 us (2M elements over 2 threads in chunks of
-    // 1024: 5.9 ms, of 16384: 0.84, whole: 0.57), so the chunks are large.
-    constexpr int64_t kChunk = int64_t(1) << 16;
-    for (int64_t o = 0; o < count; o += kChunk) {
-      const int64_t len = std::min(kChunk, count - o);
-      forward_bias(Identity{}, z + o, bpat, y + o, n, e0 + o, len);
-      vml_tanh(y + o, y + o, len);
+  if constexpr (std::is_same_v<F, Tanh> && std::is_same_v<T, float>) {
+    if (!kVector || tanh_by_vml()) {
+      // t = z + b into y a chunk at a time, then the tanh on that chunk while it is in L2: MKL's
+      // (each VML call inside a parallel region costs ~2.6 us: 2M elements over 2 threads in
+      // chunks of 1024 took 5.9 ms, of 16384 0.84, whole 0.57, so the chunks are large), or at
+      // DEFAULT the engine's, whose loop GCC vectorises only without the bias's phase.
+      constexpr int64_t kChunk = int64_t(1) << 16;
+      for (int64_t o = 0; o < count; o += kChunk) {
+        const int64_t len = std::min(kChunk, count - o);
+        forward_bias(Identity{}, z + o, bpat, y + o, n, e0 + o, len);
+        forward_same(f, y + o, y + o, len);
+      }
+      return;
     }
-    return;
   }
   const bool keep_pre = y != z;
   int64_t ph = e0 % n, i = 0;

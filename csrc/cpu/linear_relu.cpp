@@ -265,7 +265,7 @@ std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
 bool aten_epilogue_applies(const Activation& act, const at::Tensor& z, const at::Tensor& y) {
   if (cpu_level() != CpuLevel::kDefault || z.scalar_type() != y.scalar_type()) return false;
   switch (act.kind) {
-    case Activation::kTanh: case Activation::kSigmoid: case Activation::kGelu:
+    case Activation::kSigmoid: case Activation::kGelu:
     case Activation::kGeluTanh: case Activation::kSilu: return true;
     default: return false;
   }

@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -77,6 +78,90 @@ inline Vectorized<acc_t> exp_shifted(const Vectorized<acc_t>& s, const Vectorize
     return p * pow2_from_rounded(f);
   }
   return (s - shift).exp_u20();
+}
+
+// tanh in float, for the Tanh epilogue: MKL's vector tanh (what torch.tanh runs) takes ~2.7 ns
+// an element on AMD at every level, where MKL runs its generic code; this is ~1 (AVX2) to 0.5
+// (AVX512) ns (bench/NOTES.md, "A tanh of our own"). Two branches, both computed, one kept:
+//  * |x| < 1: x + x^3 P(x^2), P of degree 6 fitted here (least squares on Chebyshev nodes,
+//    reweighted towards minimax; 1.1 ulp against float64). Odd, so -0 stays -0.
+//  * |x| >= 1: 1 - 2e / (1 + e) with e = exp(-2|x|) <= e^-2 (exp_shifted, 4 ulp; its share of
+//    the result shrinks by 2e / (1 + e)^2 < 0.21, so 1.5 ulp here), nothing overflows; e is 0
+//    from |x| ~ 44 on, giving 1 (tanh rounds to 1 from 9.01). x's sign bit is put back.
+// NaN fails |x| < 1 and passes through exp; +-inf gives +-1. The scalar form is the same
+// operations in the same order (FMA where the vector form has one, when the level has FMA), so
+// a tail element rounds as it would in a vector lane and the result does not depend on where
+// the thread split falls. At DEFAULT the scalar form is the loop body, which GCC vectorises.
+namespace tanh_detail {
+constexpr float kSmall = 1.f;
+constexpr float kP[7] = {-0.3333330452442169f, 0.13332530856132507f, -0.05389156937599182f,
+                         0.021521370857954025f, -0.00799840409308672f, 0.0023403584491461515f,
+                         -0.0003698643413372338f};
+}  // namespace tanh_detail
+
+inline Vectorized<float> tanh_float(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  using namespace tanh_detail;
+  const V a = x.abs();
+  const V e = exp_shifted<false>(a * V(-2.f), V(0.f));
+  const V large = V(1.f) - (e + e) / (V(1.f) + e);
+  const V z = x * x;
+  V p = at::vec::fmadd(V(kP[6]), z, V(kP[5]));
+  for (int k = 4; k >= 0; --k) p = at::vec::fmadd(p, z, V(kP[k]));
+  const V small = at::vec::fmadd(x * z, p, x);
+  return V::blendv(large | (x & V(-0.f)), small, a < V(kSmall));
+}
+
+// take_a ? a : b on the bit patterns: GCC vectorises a loop around it, where a float ?: (NaN's
+// comparisons being what they are) stays a branch and keeps the loop scalar.
+inline float select_bits(bool take_a, float a, float b) {
+  uint32_t ab, bb;
+  std::memcpy(&ab, &a, sizeof ab);
+  std::memcpy(&bb, &b, sizeof bb);
+  const uint32_t mask = 0u - static_cast<uint32_t>(take_a);
+  const uint32_t out = (ab & mask) | (bb & ~mask);
+  float r;
+  std::memcpy(&r, &out, sizeof r);
+  return r;
+}
+
+inline float tanh_float(float x) {
+  using namespace tanh_detail;
+#if defined(__FMA__)
+  const auto mad = [](float a, float b, float c) { return std::fma(a, b, c); };
+#else
+  const auto mad = [](float a, float b, float c) { return a * b + c; };
+#endif
+  constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.f;  // as exp_shifted
+  constexpr float c0 = 1.0000001192092896f, c1 = 0.6931469440460205f, c2 = 0.24022120237350464f,
+                  c3 = 0.05550713464617729f, c4 = 0.009675540961325169f,
+                  c5 = 0.0013276452664285898f;
+  const float a = std::fabs(x);
+  float t = (a * -2.f - 0.f) * kLog2e;
+  t = select_bits(t < -127.f, -127.f, t);  // NaN passes, as clamp_min
+  const float f = t + kRound, r = t - (f - kRound);
+  float q = mad(c5, r, c4);
+  q = mad(q, r, c3);
+  q = mad(q, r, c2);
+  q = mad(q, r, c1);
+  q = mad(q, r, c0);
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  bits = (bits + 127u) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof pow2);
+  const float e = q * pow2;
+  float large = 1.f - (e + e) / (1.f + e);
+  uint32_t large_bits, x_bits;
+  std::memcpy(&large_bits, &large, sizeof large_bits);
+  std::memcpy(&x_bits, &x, sizeof x_bits);
+  large_bits |= x_bits & 0x80000000u;
+  std::memcpy(&large, &large_bits, sizeof large);
+  const float z = x * x;
+  float p = mad(kP[6], z, kP[5]);
+  for (int k = 4; k >= 0; --k) p = mad(p, z, kP[k]);
+  const float small = mad(x * z, p, x);
+  return select_bits(a < kSmall, small, large);
 }
 
 }  // namespace CPU_CAPABILITY
