@@ -257,8 +257,13 @@ def assert_fused_linear_matches(y, x, w, b, activation, negative_slope=0.01, app
     assert_matches(y, peer, out64, FORWARD, f"{what} forward")
     if grads:
         index = {"x": 0, "w": 1, "b": 2}
-        # db with its own floor scale (_bias_grad_terms); dX and dW with their results' scales.
-        accumulated = {"b": _bias_grad_terms(y if grad is None else grad, activation, negative_slope)}
+        # db with its own floor scale (_bias_grad_terms); dX and dW with their results' scales,
+        # or where the derivative has a root, the scale of its terms (_input_grad_terms).
+        upstream = y if grad is None else grad
+        accumulated = {"b": _bias_grad_terms(upstream, activation, negative_slope)}
+        for n in ("x", "w"):
+            if n in grads:
+                accumulated[n] = _input_grad_terms(upstream, x, w, activation, n, grads64[index[n]])
         for n in sorted(grads, key=index.get):
             assert_grads_match([grads[n]], [peer_grads[index[n]]], [grads64[index[n]]], [f"grad_{n}"], what,
                                accumulated=accumulated.get(n))
@@ -267,6 +272,32 @@ def assert_fused_linear_matches(y, x, w, b, activation, negative_slope=0.01, app
 # The largest |act'(z)| of the activations fused_linear takes (GELU's derivative peaks at ~1.13,
 # SiLU's at ~1.10; the others at 1, or LeakyReLU's |slope| where that is larger).
 _MAX_DERIVATIVE = 1.13
+
+
+# Activations whose derivative crosses zero inside the domain (GELU's at z ~ -0.75, SiLU's at
+# -1.28): there dz is a difference of terms of ~0.2.
+_DERIVATIVE_ROOTS = ("gelu", "silu")
+
+
+def _input_grad_terms(grad, x, w, activation, name, result64):
+    """(rms, max) floor scales for dX (name 'x') or dW ('w'): their results' own, or where the
+    derivative has a root, the larger of those and the size of dz's terms carried through the
+    product as independent errors, sqrt(|dz terms|^2 @ W^2) (dX) or sqrt(|dz terms|^2^T @ X^2)
+    (dW), the terms bounded by |grad| times the largest |act'|. At a root a one-element gradient
+    is off by an ulp of those terms in any correct kernel, while torch's own can happen to round
+    to a hundredth of one (GELU at z = -0.7503: torch 4e-10, a kernel with the same formula in
+    another order 2.8e-9; SiLU at -1.2755: 1.3e-10 against 4.6e-9). Elsewhere this scale is about
+    the result's (random signs), so a 1e-5 relative error is still caught."""
+    own = (rms(result64), magnitude(result64))
+    if activation not in _DERIVATIVE_ROOTS:
+        return own
+    n, k = w.shape
+    dz2 = (grad.detach().double().abs() * _MAX_DERIVATIVE).reshape(-1, n) ** 2
+    if name == "x":
+        terms = (dz2 @ w.detach().double() ** 2).sqrt()
+    else:
+        terms = (dz2.t() @ x.detach().double().reshape(-1, k) ** 2).sqrt()
+    return max(own[0], rms(terms)), max(own[1], magnitude(terms))
 
 
 def _bias_grad_terms(grad, activation, negative_slope):

@@ -36,7 +36,9 @@ constexpr bool kVector = false;
 
 // exp(x) for x <= 0, -inf (0) and NaN (NaN): in float the engine's inlined exp (vec_math_kernel.h,
 // 4 ulp, ~14 vector operations) instead of at::vec's Sleef call, which was a third of GELU's
-// epilogue at AVX512 (perf, Xeon); at::vec's in double.
+// epilogue at AVX512 (perf, Xeon); at::vec's in double. A Cody-Waite exp of 1 ulp (two more
+// FMAs and a degree-6 polynomial) cost 0-8% of the fused forward at 16384x256->1024 and made no
+// test of the house rule pass that this one fails ("Zen 5, fifth session").
 template <typename T>
 Vectorized<T> exp_nonpositive(const Vectorized<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
@@ -54,6 +56,19 @@ std::pair<Vectorized<T>, Vectorized<T>> sigmoid_pair_of(const Vectorized<T>& x) 
   const V e = exp_nonpositive(x.abs().neg()), r = V(T(1)) / (V(T(1)) + e), er = e * r;
   const V positive = x >= V(T(0));
   return {V::blendv(er, r, positive), V::blendv(r, er, positive)};
+}
+
+// The scalar forms of the two above in float, the same operations in the same order: the vector
+// loops' tails round as their lanes do, and at DEFAULT they are the loop bodies, which GCC
+// vectorises for SSE2 (no libm call; selects on bit patterns). torch's sigmoid and SiLU run
+// scalar at DEFAULT (2.9-3.1 ns an element on Zen 5), its GELU at 1.1 ns.
+inline float exp_nonpositive(float x) { return vec_math::CPU_CAPABILITY::exp_shifted_scalar(x); }
+
+inline std::pair<float, float> sigmoid_pair_of(float x) {
+  using vec_math::CPU_CAPABILITY::select_bits;
+  const float e = exp_nonpositive(-std::fabs(x)), r = 1.f / (1.f + e), er = e * r;
+  const bool positive = x >= 0.f;
+  return {select_bits(positive, r, er), select_bits(positive, er, r)};
 }
 
 // Bit patterns of half and bfloat16: the magnitude bits, and +inf's (above it: NaN).
@@ -161,6 +176,9 @@ struct Gelu {
   static constexpr bool kSelects = false;
   static constexpr double kSqrtHalf = 0.70710678118654752440;
   static constexpr double kInvSqrt2Pi = 0.39894228040143267794;  // phi(0)
+  // Scalars (the vector levels' tails; DEFAULT runs torch's kernels for GELU) through libm's
+  // erf, as torch's own GELU kernels compute their tails: A-S's 1.5e-7 there failed the house
+  // rule on small outputs (1-2% of (1, 1, 1) draws), where torch's error is libm's.
   template <typename T>
   T fwd(T z) const {
     return T(0.5) * z * (T(1) + std::erf(z * T(kSqrtHalf)));
@@ -221,6 +239,9 @@ struct GeluTanh {
   // sigmoid(2u) and 1 - sigmoid(2u), each without cancellation.
   template <typename T>
   static std::pair<T, T> sigmoid_pair(T z) {
+    if constexpr (std::is_same_v<T, float>) {
+      return sigmoid_pair_of(float(kTwoBeta) * vec_math::CPU_CAPABILITY::fmadd_scalar(float(kKappa) * z * z, z, z));
+    }
     const T u2 = T(kTwoBeta) * (z + T(kKappa) * z * z * z);
     const T e = std::exp(-std::abs(u2)), r = T(1) / (T(1) + e);
     return u2 >= T(0) ? std::pair<T, T>{r, e * r} : std::pair<T, T>{e * r, r};
@@ -243,6 +264,11 @@ struct GeluTanh {
   template <typename T>
   T bwd(T dy, T z) const {
     const auto [s, one_minus_s] = sigmoid_pair(z);
+    if constexpr (std::is_same_v<T, float>) {
+      using vec_math::CPU_CAPABILITY::fmadd_scalar;
+      const float du2 = float(kTwoBeta) * fmadd_scalar(float(3 * kKappa) * z, z, 1.f);
+      return dy * fmadd_scalar(z * du2, s * one_minus_s, s);
+    }
     const T du2 = T(kTwoBeta) * (T(1) + T(3 * kKappa) * z * z);
     return dy * (s + z * du2 * s * one_minus_s);
   }
@@ -261,6 +287,7 @@ struct Silu {
   static constexpr bool kSelects = false;
   template <typename T>
   T fwd(T z) const {
+    if constexpr (std::is_same_v<T, float>) return z * sigmoid_pair_of(z).first;
     return z / (T(1) + std::exp(-z));
   }
   template <typename T>
@@ -270,6 +297,10 @@ struct Silu {
   // s (1 + z (1 - s)), as torch's silu_backward.
   template <typename T>
   T bwd(T dy, T z) const {
+    if constexpr (std::is_same_v<T, float>) {
+      const auto [s, one_minus_s] = sigmoid_pair_of(z);
+      return dy * s * vec_math::CPU_CAPABILITY::fmadd_scalar(z, one_minus_s, 1.f);
+    }
     const T s = T(1) / (T(1) + std::exp(-z));
     return dy * s * (T(1) + z * (T(1) - s));
   }
@@ -317,6 +348,7 @@ struct Sigmoid {
   // 1 / (1 + exp(-z)), as torch's sigmoid: sigmoid(-inf) = 0, sigmoid(inf) = 1.
   template <typename T>
   T fwd(T z) const {
+    if constexpr (std::is_same_v<T, float>) return sigmoid_pair_of(z).first;
     return T(1) / (T(1) + std::exp(-z));
   }
   template <typename T>
@@ -379,11 +411,10 @@ void forward_same(const F& f, const T* z, T* y, int64_t n) {
 template <typename F, typename T>
 void forward_bias(const F& f, T* z, const T* bpat, T* y, int64_t n, int64_t e0, int64_t count) {
   if constexpr (std::is_same_v<F, Tanh> && std::is_same_v<T, float>) {
-    if (!kVector || tanh_by_vml()) {
-      // t = z + b into y a chunk at a time, then the tanh on that chunk while it is in L2: MKL's
-      // (each VML call inside a parallel region costs ~2.6 us: 2M elements over 2 threads in
-      // chunks of 1024 took 5.9 ms, of 16384 0.84, whole 0.57, so the chunks are large), or at
-      // DEFAULT the engine's, whose loop GCC vectorises only without the bias's phase.
+    if (tanh_by_vml()) {
+      // t = z + b into y a chunk at a time, then MKL's tanh on that chunk while it is in L2.
+      // Each VML call inside a parallel region costs ~2.6 us (2M elements over 2 threads in
+      // chunks of 1024: 5.9 ms, of 16384: 0.84, whole: 0.57), so the chunks are large.
       constexpr int64_t kChunk = int64_t(1) << 16;
       for (int64_t o = 0; o < count; o += kChunk) {
         const int64_t len = std::min(kChunk, count - o);

@@ -257,18 +257,17 @@ std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? std::optional<at::Tensor>(t->detach()) : std::nullopt;
 }
 
-// At DEFAULT the transcendental activations are torch's own kernels, in place: there ATen's
-// tanh and sigmoid run MKL's vector math and its GELU / SiLU their own loops, while the engine's
-// DEFAULT epilogue is scalar libm (forward at 16384x256->1024 against eager at DEFAULT: tanh
-// 0.61x, GELU 0.78x, 4096x784->512 0.76x / 0.88x). Same dtype in and out only (no rounding).
-// Whether it applies: DEFAULT, one dtype, a transcendental activation.
+// At DEFAULT, GELU's forward is torch's own kernel, in place: its DEFAULT GELU runs 1.1 ns an
+// element on Zen 5 and is libm-accurate, where the engine's loop is libm's scalar erf (its A-S
+// erf, vectorised by GCC, measured 0.94-0.97x eager at 4096x784->512 and 16384x256->1024 against
+// 0.99-1.02x for torch's kernel, and is off the house rule on small outputs). The other transcendental activations run the engine's loops there (vec_math_kernel.h's
+// scalar forms): torch's sigmoid and SiLU are scalar at DEFAULT and its GELU-tanh a scalar tanh,
+// and the engine's forwards measured 1.15-1.31x (sigmoid, SiLU) and 1.9-3.5x (GELU-tanh) eager
+// against 0.96-1.07x through torch's kernels (bench/NOTES.md, "Zen 5, fifth session"). Same
+// dtype in and out only (no rounding).
 bool aten_epilogue_applies(const Activation& act, const at::Tensor& z, const at::Tensor& y) {
-  if (cpu_level() != CpuLevel::kDefault || z.scalar_type() != y.scalar_type()) return false;
-  switch (act.kind) {
-    case Activation::kSigmoid: case Activation::kGelu:
-    case Activation::kGeluTanh: case Activation::kSilu: return true;
-    default: return false;
-  }
+  return cpu_level() == CpuLevel::kDefault && z.scalar_type() == y.scalar_type() &&
+         act.kind == Activation::kGelu;
 }
 
 // On the tile (rows r0.., columns c0..); false, without touching it, where it does not apply.
@@ -276,15 +275,9 @@ bool aten_epilogue(const Activation& act, const at::Tensor& z, const at::Tensor&
                    int64_t rows, int64_t c0, int64_t cols) {
   if (!aten_epilogue_applies(act, z, y)) return false;
   // Views only once it applies: four narrows cost ~1.5 us, a quarter of a small call.
-  auto tile = [&](const at::Tensor& t) { return t.narrow(0, r0, rows).narrow(1, c0, cols); };
-  switch (act.kind) {
-    case Activation::kTanh: { at::Tensor out = tile(y); at::tanh_out(out, tile(z)); return true; }
-    case Activation::kSigmoid: { at::Tensor out = tile(y); at::sigmoid_out(out, tile(z)); return true; }
-    case Activation::kGelu: { at::Tensor out = tile(y); at::gelu_out(out, tile(z), "none"); return true; }
-    case Activation::kGeluTanh: { at::Tensor out = tile(y); at::gelu_out(out, tile(z), "tanh"); return true; }
-    case Activation::kSilu: { at::Tensor out = tile(y); at::silu_out(out, tile(z)); return true; }
-    default: return false;
-  }
+  at::Tensor out = y.narrow(0, r0, rows).narrow(1, c0, cols);
+  at::gelu_out(out, z.narrow(0, r0, rows).narrow(1, c0, cols), "none");
+  return true;
 }
 
 // y = act(z) on rows [r0, r0 + rows) and columns [c0, c0 + cols) of row-major blocks of one
@@ -411,8 +404,9 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
     // TensorIterator copy that is slow for narrow rows (13 us for a (1024, 10) output, the same as
     // z.add_(b), against ~1 us for the GEMM's own write of it). In float and double, at the
     // vector levels, the GEMM runs without it and the epilogue adds it as it applies the
-    // activation: one rounding of z + b either way. (DEFAULT keeps addmm: its transcendental
-    // epilogues are ATen calls on z, see aten_epilogue; half / bfloat16 keep the GEMM's single
+    // activation: one rounding of z + b either way. (DEFAULT keeps addmm: there the bias's phase
+    // index keeps the engine's bias loop scalar, while its plain epilogue loops over z vectorise,
+    // and GELU's is an ATen call on z, see aten_epilogue; half / bfloat16 keep the GEMM's single
     // rounding of z + b.)
     // Without an activation there is no pass to fold the bias into: addmm, as F.linear (the
     // epilogue's bias pass ran 0.92-0.93x F.linear at 256-512 x 256->256, AVX2).
@@ -462,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
       epilogue_tile(act, z, o, widen ? p : at::Tensor(), tr, trows, tc, tcols);
     };
     const bool nothing_to_do = act.kind == Activation::kNone && z.is_same(o);
-    // torch's own kernels (aten_epilogue, DEFAULT) reach their fast path only on contiguous
+    // torch's own GELU (aten_epilogue, DEFAULT) reaches its fast path only on contiguous
     // tensors: GELU on the GEMM's tiles (strided views) ran 4.7x slower than on whole rows (34
     // vs 7.3 ms for 4096x1024, 2 threads), so there the epilogue runs once per finished block.
     const bool whole_block = aten_epilogue_applies(act, z, o);
@@ -475,24 +469,21 @@ std::tuple<at::Tensor, at::Tensor> linear_act_forward(const char* op, const Acti
 
 namespace {
 
-// The backward's counterpart of aten_epilogue: at DEFAULT the derivatives that need a
-// transcendental function of z (GELU's erf and exp, SiLU's sigmoid) are torch's own backward
-// kernels, vectorised by ATen, where the engine's DEFAULT loop calls scalar libm (the GELU
-// TransformerEncoderLayer step at DEFAULT: the op's backward 9.6 ms a step against eager's
-// gelu_backward 2.9 ms). Same dtype for grad, saved and dz only. False where it does not apply.
+// The backward's counterpart of aten_epilogue: at DEFAULT GELU's derivative is torch's own
+// gelu_backward, libm-accurate there (at DEFAULT at::vec's erf is libm's, element by element),
+// where the engine's loop would need its A-S erf (1.5e-7: off the house rule on small outputs)
+// or run scalar libm (the GELU TransformerEncoderLayer step at DEFAULT: the op's backward 9.6 ms
+// a step against eager's gelu_backward 2.9 ms). GELU-tanh's and SiLU's are the engine's loops:
+// 1.48-2.41x and 1.12-1.16x eager against 0.94-0.99x and 1.01-1.07x through torch's kernels
+// (bench/NOTES.md, "Zen 5, fifth session"). Same dtype for grad, saved and dz only.
 bool aten_backward(const Activation& act, const at::Tensor& grad, const at::Tensor& saved,
                    int64_t r0, int64_t rows, const at::Tensor& dz) {
-  if (cpu_level() != CpuLevel::kDefault || dz.scalar_type() != grad.scalar_type()) return false;
-  if (act.kind != Activation::kGelu && act.kind != Activation::kGeluTanh && act.kind != Activation::kSilu) {
+  if (cpu_level() != CpuLevel::kDefault || dz.scalar_type() != grad.scalar_type() ||
+      act.kind != Activation::kGelu) {
     return false;
   }
-  const at::Tensor g = grad.narrow(0, r0, rows), z = saved.narrow(0, r0, rows);
   at::Tensor out = dz;  // rows x N
-  if (act.kind == Activation::kSilu) {
-    at::silu_backward_out(out, g, z);
-  } else {
-    at::gelu_backward_out(out, g, z, act.kind == Activation::kGelu ? "none" : "tanh");
-  }
+  at::gelu_backward_out(out, grad.narrow(0, r0, rows), saved.narrow(0, r0, rows), "none");
   return true;
 }
 

@@ -82,7 +82,7 @@ inline Vectorized<acc_t> exp_shifted(const Vectorized<acc_t>& s, const Vectorize
 
 // tanh in float, for the Tanh epilogue: MKL's vector tanh (what torch.tanh runs) takes ~2.7 ns
 // an element on AMD at every level, where MKL runs its generic code; this is ~1 (AVX2) to 0.5
-// (AVX512) ns (bench/NOTES.md, "A tanh of our own"). Two branches, both computed, one kept:
+// (AVX512) ns (bench/NOTES.md, "Zen 5, fifth session"). Two branches, both computed, one kept:
 //  * |x| < 1: x + x^3 P(x^2), P of degree 6 fitted here (least squares on Chebyshev nodes,
 //    reweighted towards minimax; 1.1 ulp against float64). Odd, so -0 stays -0.
 //  * |x| >= 1: 1 - 2e / (1 + e) with e = exp(-2|x|) <= e^-2 (exp_shifted, 4 ulp; its share of
@@ -125,32 +125,44 @@ inline float select_bits(bool take_a, float a, float b) {
   return r;
 }
 
-inline float tanh_float(float x) {
-  using namespace tanh_detail;
+// a * b + c, fused where the level has FMA (as at::vec::fmadd is there), for the scalar forms.
+inline float fmadd_scalar(float a, float b, float c) {
 #if defined(__FMA__)
-  const auto mad = [](float a, float b, float c) { return std::fma(a, b, c); };
+  return std::fma(a, b, c);
 #else
-  const auto mad = [](float a, float b, float c) { return a * b + c; };
+  return a * b + c;
 #endif
+}
+
+// exp_shifted<false>(s, 0) for one float, the same operations in the same order: the scalar
+// form of the float epilogues' exp (tanh_float's, linear_epilogue_kernel.h's exp_nonpositive),
+// for the vector loops' tails and DEFAULT's plain loops, which GCC vectorises around it (no libm
+// call, no float ?:).
+inline float exp_shifted_scalar(float s) {
   constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.f;  // as exp_shifted
   constexpr float c0 = 1.0000001192092896f, c1 = 0.6931469440460205f, c2 = 0.24022120237350464f,
                   c3 = 0.05550713464617729f, c4 = 0.009675540961325169f,
                   c5 = 0.0013276452664285898f;
-  const float a = std::fabs(x);
-  float t = (a * -2.f - 0.f) * kLog2e;
+  float t = (s - 0.f) * kLog2e;
   t = select_bits(t < -127.f, -127.f, t);  // NaN passes, as clamp_min
   const float f = t + kRound, r = t - (f - kRound);
-  float q = mad(c5, r, c4);
-  q = mad(q, r, c3);
-  q = mad(q, r, c2);
-  q = mad(q, r, c1);
-  q = mad(q, r, c0);
+  float p = fmadd_scalar(c5, r, c4);
+  p = fmadd_scalar(p, r, c3);
+  p = fmadd_scalar(p, r, c2);
+  p = fmadd_scalar(p, r, c1);
+  p = fmadd_scalar(p, r, c0);
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
   bits = (bits + 127u) << 23;
   float pow2;
   std::memcpy(&pow2, &bits, sizeof pow2);
-  const float e = q * pow2;
+  return p * pow2;
+}
+
+inline float tanh_float(float x) {
+  using namespace tanh_detail;
+  const float a = std::fabs(x);
+  const float e = exp_shifted_scalar(a * -2.f);
   float large = 1.f - (e + e) / (1.f + e);
   uint32_t large_bits, x_bits;
   std::memcpy(&large_bits, &large, sizeof large_bits);
@@ -158,9 +170,9 @@ inline float tanh_float(float x) {
   large_bits |= x_bits & 0x80000000u;
   std::memcpy(&large, &large_bits, sizeof large);
   const float z = x * x;
-  float p = mad(kP[6], z, kP[5]);
-  for (int k = 4; k >= 0; --k) p = mad(p, z, kP[k]);
-  const float small = mad(x * z, p, x);
+  float p = fmadd_scalar(kP[6], z, kP[5]);
+  for (int k = 4; k >= 0; --k) p = fmadd_scalar(p, z, kP[k]);
+  const float small = fmadd_scalar(x * z, p, x);
   return select_bits(a < kSmall, small, large);
 }
 
