@@ -410,7 +410,7 @@ void forward_same(const F& f, const T* z, T* y, int64_t n) {
 // from the same cache line, ran 15 us for a (1024, 10) block against 3 us for a flat ReLU.)
 template <typename F, typename T>
 void forward_bias(const F& f, T* z, const T* bpat, T* y, int64_t n, int64_t e0, int64_t count) {
-  if constexpr (std::is_same_v<F, Tanh> && std::is_same_v<T, float>) {
+  if constexpr (kTanhByVml<F, T>) {
     if (tanh_by_vml()) {
       // t = z + b into y a chunk at a time, then MKL's tanh on that chunk while it is in L2.
       // Each VML call inside a parallel region costs ~2.6 us (2M elements over 2 threads in
