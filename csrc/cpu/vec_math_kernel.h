@@ -19,7 +19,16 @@ namespace CPU_CAPABILITY {
 using at::vec::Vectorized;
 
 // 2^n from f = n + 1.5 * 2^23 (n an integer in [-127, 127] in f's low mantissa bits): the
-// exponent field n + 127, shifted into place; n = -127 gives +0.
+// exponent field n + 127, shifted into place; n = -127 gives +0. One float, and a vector.
+inline float pow2_from_rounded(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  bits = (bits + 127u) << 23;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
 inline Vectorized<float> pow2_from_rounded(const Vectorized<float>& f) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(f), _mm512_set1_epi32(127)), 23));
@@ -30,12 +39,7 @@ inline Vectorized<float> pow2_from_rounded(const Vectorized<float>& f) {
   constexpr int W = Vectorized<float>::size();
   float lanes[W];
   f.store(lanes);
-  for (int i = 0; i < W; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, &lanes[i], sizeof bits);
-    bits = (bits + 127u) << 23;
-    std::memcpy(&lanes[i], &bits, sizeof bits);
-  }
+  for (int i = 0; i < W; ++i) lanes[i] = pow2_from_rounded(lanes[i]);
   return Vectorized<float>::loadu(lanes);
 #endif
 }
@@ -50,14 +54,18 @@ inline Vectorized<float> pow2_from_rounded(const Vectorized<float>& f) {
 // exponent field. NaN stays NaN: max / min return their second operand when one is NaN, and the
 // clamp puts x second. kMayExceedZero also clamps x to 127 (the backward's recomputed scores
 // against a saved lse); the forward's s - max cannot exceed 0. Double: exp_u20.
+namespace exp_detail {
+constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.f;  // 1.5 * 2^23
+// 2^r on [-0.5, 0.5]: c0 + c1 r + ... + c5 r^5.
+constexpr float kC[6] = {1.0000001192092896f, 0.6931469440460205f, 0.24022120237350464f,
+                         0.05550713464617729f, 0.009675540961325169f, 0.0013276452664285898f};
+}  // namespace exp_detail
+
 template <bool kMayExceedZero, typename acc_t>
 inline Vectorized<acc_t> exp_shifted(const Vectorized<acc_t>& s, const Vectorized<acc_t>& shift) {
   if constexpr (std::is_same_v<acc_t, float>) {
     using V = Vectorized<float>;
-    constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.f;  // 1.5 * 2^23
-    constexpr float c0 = 1.0000001192092896f, c1 = 0.6931469440460205f, c2 = 0.24022120237350464f,
-                    c3 = 0.05550713464617729f, c4 = 0.009675540961325169f,
-                    c5 = 0.0013276452664285898f;
+    using namespace exp_detail;
     // clamp_min / clamp_max are max(bound, x) / min(bound, x): x second, so NaN passes.
     V t = at::vec::clamp_min((s - shift) * V(kLog2e), V(-127.f));
     if constexpr (kMayExceedZero) t = at::vec::clamp_max(t, V(127.f));
@@ -70,11 +78,8 @@ inline Vectorized<acc_t> exp_shifted(const Vectorized<acc_t>& s, const Vectorize
 #else
     const auto mad = [](const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); };
 #endif
-    V p = mad(V(c5), r, V(c4));
-    p = mad(p, r, V(c3));
-    p = mad(p, r, V(c2));
-    p = mad(p, r, V(c1));
-    p = mad(p, r, V(c0));
+    V p = mad(V(kC[5]), r, V(kC[4]));
+    for (int k = 3; k >= 0; --k) p = mad(p, r, V(kC[k]));
     return p * pow2_from_rounded(f);
   }
   return (s - shift).exp_u20();
@@ -139,24 +144,13 @@ inline float fmadd_scalar(float a, float b, float c) {
 // for the vector loops' tails and DEFAULT's plain loops, which GCC vectorises around it (no libm
 // call, no float ?:).
 inline float exp_shifted_scalar(float s) {
-  constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.f;  // as exp_shifted
-  constexpr float c0 = 1.0000001192092896f, c1 = 0.6931469440460205f, c2 = 0.24022120237350464f,
-                  c3 = 0.05550713464617729f, c4 = 0.009675540961325169f,
-                  c5 = 0.0013276452664285898f;
+  using namespace exp_detail;
   float t = (s - 0.f) * kLog2e;
   t = select_bits(t < -127.f, -127.f, t);  // NaN passes, as clamp_min
   const float f = t + kRound, r = t - (f - kRound);
-  float p = fmadd_scalar(c5, r, c4);
-  p = fmadd_scalar(p, r, c3);
-  p = fmadd_scalar(p, r, c2);
-  p = fmadd_scalar(p, r, c1);
-  p = fmadd_scalar(p, r, c0);
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  bits = (bits + 127u) << 23;
-  float pow2;
-  std::memcpy(&pow2, &bits, sizeof pow2);
-  return p * pow2;
+  float p = fmadd_scalar(kC[5], r, kC[4]);
+  for (int k = 3; k >= 0; --k) p = fmadd_scalar(p, r, kC[k]);
+  return p * pow2_from_rounded(f);
 }
 
 inline float tanh_float(float x) {
